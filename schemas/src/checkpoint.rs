@@ -1,0 +1,144 @@
+//! The replay state that must travel with an offset commit.
+//!
+//! A restarted aggregator resumes a partition at `next_offset` and must decide exactly
+//! as the live run did. For that it needs the partition's `max_ts` as it stood just
+//! before `next_offset` (so lateness is judged the same way), the closed-through
+//! boundary (windows ending at or before it are durably final and never rewritten),
+//! and the replay generation (so every later write keeps winning over older runs).
+//!
+//! The state is stored as compact JSON in the Kafka commit metadata and, for brokers
+//! that drop commit metadata, in a checkpoint row of the store.
+
+use serde::{Deserialize, Serialize};
+
+/// Replay state of one partition at one committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// First offset not yet durably reflected in final rows: where a restart resumes.
+    #[serde(rename = "next")]
+    pub next_offset: i64,
+    /// Largest counted event time (ms) among records before `next_offset`.
+    #[serde(rename = "max_ts", default, skip_serializing_if = "Option::is_none")]
+    pub max_ts_ms: Option<i64>,
+    /// Windows whose end (ms) is at or before this are final in the store.
+    #[serde(rename = "closed", default, skip_serializing_if = "Option::is_none")]
+    pub closed_through_ms: Option<i64>,
+    /// Replay generation; rows of a higher generation win over lower ones.
+    #[serde(rename = "gen", default)]
+    pub generation: u16,
+}
+
+/// Marks Tally's metadata so foreign commit metadata is never misread as ours.
+const METADATA_VERSION: u8 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    tally: u8,
+    #[serde(flatten)]
+    checkpoint: Checkpoint,
+}
+
+/// Commit metadata that is not Tally's, or is for a different offset.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CheckpointDecodeError {
+    #[error("commit metadata is not Tally checkpoint JSON: {0}")]
+    NotTally(String),
+    #[error("checkpoint version {0} is not understood by this build")]
+    UnknownVersion(u8),
+    #[error("checkpoint is for offset {found}, but the commit is at {expected}")]
+    OffsetMismatch { expected: i64, found: i64 },
+}
+
+impl Checkpoint {
+    /// A partition with no history: start at `next_offset`, nothing known yet.
+    pub fn fresh(next_offset: i64) -> Self {
+        Checkpoint {
+            next_offset,
+            max_ts_ms: None,
+            closed_through_ms: None,
+            generation: 0,
+        }
+    }
+
+    /// Encodes the state as commit metadata (a few dozen bytes of JSON).
+    pub fn to_metadata(&self) -> String {
+        let envelope = Envelope {
+            tally: METADATA_VERSION,
+            checkpoint: *self,
+        };
+        // Serialising plain integers cannot fail; fall back to an empty string
+        // (which decodes as "no state") rather than panicking.
+        serde_json::to_string(&envelope).unwrap_or_default()
+    }
+
+    /// Decodes commit metadata written by [`Checkpoint::to_metadata`] for the
+    /// committed offset `committed_offset`.
+    pub fn from_metadata(
+        metadata: &str,
+        committed_offset: i64,
+    ) -> Result<Checkpoint, CheckpointDecodeError> {
+        let envelope: Envelope = serde_json::from_str(metadata)
+            .map_err(|err| CheckpointDecodeError::NotTally(err.to_string()))?;
+        if envelope.tally != METADATA_VERSION {
+            return Err(CheckpointDecodeError::UnknownVersion(envelope.tally));
+        }
+        if envelope.checkpoint.next_offset != committed_offset {
+            return Err(CheckpointDecodeError::OffsetMismatch {
+                expected: committed_offset,
+                found: envelope.checkpoint.next_offset,
+            });
+        }
+        Ok(envelope.checkpoint)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_round_trips() {
+        let checkpoint = Checkpoint {
+            next_offset: 42,
+            max_ts_ms: Some(1_700_000_000_123),
+            closed_through_ms: Some(1_700_000_000_000),
+            generation: 3,
+        };
+        let text = checkpoint.to_metadata();
+        assert!(text.len() < 128, "metadata too long: {text}");
+        assert_eq!(Checkpoint::from_metadata(&text, 42), Ok(checkpoint));
+    }
+
+    #[test]
+    fn fresh_checkpoint_round_trips() {
+        let checkpoint = Checkpoint::fresh(0);
+        assert_eq!(
+            Checkpoint::from_metadata(&checkpoint.to_metadata(), 0),
+            Ok(checkpoint)
+        );
+    }
+
+    #[test]
+    fn foreign_or_mismatched_metadata_is_refused() {
+        assert!(matches!(
+            Checkpoint::from_metadata("", 0),
+            Err(CheckpointDecodeError::NotTally(_))
+        ));
+        assert!(matches!(
+            Checkpoint::from_metadata("{\"next\":1}", 1),
+            Err(CheckpointDecodeError::NotTally(_))
+        ));
+        assert!(matches!(
+            Checkpoint::from_metadata("{\"tally\":9,\"next\":1}", 1),
+            Err(CheckpointDecodeError::UnknownVersion(9))
+        ));
+        let text = Checkpoint::fresh(5).to_metadata();
+        assert_eq!(
+            Checkpoint::from_metadata(&text, 6),
+            Err(CheckpointDecodeError::OffsetMismatch {
+                expected: 6,
+                found: 5
+            })
+        );
+    }
+}
