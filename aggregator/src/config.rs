@@ -1,0 +1,113 @@
+//! `tally aggregator` settings: every one a flag with an environment variable.
+
+use std::time::Duration;
+
+use crate::engine::EngineConfig;
+use crate::error::AggregatorError;
+
+/// Parses durations written like `10s`, `500ms`, `5m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|err| format!("{text:?}: {err}"))
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct AggregatorConfig {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Consumer group shared by all aggregator instances.
+    #[arg(long, env = "TALLY_GROUP", default_value = "tally-aggregator")]
+    pub group: String,
+    /// Input topic.
+    #[arg(long, env = "TALLY_TOPIC", default_value = tally_schemas::names::INCREMENTS_TOPIC)]
+    pub topic: String,
+    /// Dead-letter topic.
+    #[arg(long, env = "TALLY_DLQ_TOPIC", default_value = tally_schemas::names::DLQ_TOPIC)]
+    pub dlq_topic: String,
+    /// Window store: sqlite://PATH or scylla://host:port[,host:port]/keyspace.
+    #[arg(
+        long,
+        env = "TALLY_STORE",
+        default_value = "sqlite://data/tally.sqlite"
+    )]
+    pub store: String,
+    /// Tumbling window size.
+    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = parse_duration)]
+    pub window: Duration,
+    /// How far behind the partition's newest event time a record may still arrive.
+    #[arg(long, env = "TALLY_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub grace: Duration,
+    /// How often changed open windows are written as provisional rows.
+    #[arg(long, env = "TALLY_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+    /// Records stamped further than this ahead of the wall clock are dead-lettered.
+    #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = parse_duration)]
+    pub max_future_skew: Duration,
+    /// Deadline for one dead-letter delivery.
+    #[arg(long, env = "TALLY_DLQ_DELIVERY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub dlq_delivery_timeout: Duration,
+    /// Consecutive failed store writes that open the circuit breaker.
+    #[arg(long, env = "TALLY_BREAKER_THRESHOLD", default_value_t = 3)]
+    pub breaker_threshold: u32,
+    /// How long the circuit stays open before a probe write.
+    #[arg(long, env = "TALLY_BREAKER_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub breaker_probe_interval: Duration,
+    /// Longest wait between store write retries (exponential backoff with jitter).
+    #[arg(long, env = "TALLY_RETRY_MAX_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub retry_max_delay: Duration,
+    /// How long a revoked partition may spend writing its last rows before it is
+    /// handed over uncommitted (the new owner then replays; nothing is lost).
+    #[arg(long, env = "TALLY_REVOKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub revoke_timeout: Duration,
+    /// Deadline for the final flush and commit on shutdown.
+    #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// ScyllaDB keyspace replication used when the keyspace is created.
+    #[arg(
+        long,
+        env = "TALLY_SCYLLA_REPLICATION",
+        default_value = "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}"
+    )]
+    pub scylla_replication: String,
+    /// ScyllaDB consistency level for reads and writes.
+    #[arg(long, env = "TALLY_SCYLLA_CONSISTENCY", default_value = "LOCAL_QUORUM")]
+    pub scylla_consistency: String,
+    /// Most ScyllaDB statements in flight per flush.
+    #[arg(long, env = "TALLY_SCYLLA_CONCURRENCY", default_value_t = 256)]
+    pub scylla_concurrency: usize,
+}
+
+fn millis(duration: Duration, name: &str) -> Result<i64, AggregatorError> {
+    i64::try_from(duration.as_millis())
+        .map_err(|_| AggregatorError::Config(format!("--{name} is too large")))
+}
+
+impl AggregatorConfig {
+    /// The engine settings these flags describe, validated.
+    pub fn engine_config(&self) -> Result<EngineConfig, AggregatorError> {
+        let window_ms = millis(self.window, "window")?;
+        if window_ms <= 0 {
+            return Err(AggregatorError::Config(
+                "--window must be at least 1ms".into(),
+            ));
+        }
+        if self.flush_interval.is_zero() {
+            return Err(AggregatorError::Config(
+                "--flush-interval must be positive".into(),
+            ));
+        }
+        Ok(EngineConfig {
+            window_ms,
+            grace_ms: millis(self.grace, "grace")?,
+            max_future_skew_ms: millis(self.max_future_skew, "max-future-skew")?,
+        })
+    }
+
+    pub fn scylla_options(&self) -> tally_sink::store::ScyllaOptions {
+        tally_sink::store::ScyllaOptions {
+            replication: self.scylla_replication.clone(),
+            consistency: self.scylla_consistency.clone(),
+            max_concurrency: self.scylla_concurrency.max(1),
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Every aggregator metric, defined in one place. Labels are bounded: outcomes and
+//! reasons come from fixed enums, partitions from the topic's partition count.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+#[derive(Clone)]
+pub struct AggregatorMetrics {
+    /// Records by outcome: counted, already_final, poison, late, future_timestamp,
+    /// sum_overflow, invalid_timestamp.
+    pub records: IntCounterVec,
+    /// Open window groups (distinct window starts) over owned partitions.
+    pub open_windows: IntGauge,
+    /// Open key-windows held in memory over owned partitions.
+    pub keys_in_memory: IntGauge,
+    pub flush_duration: Histogram,
+    /// Rows written by kind: provisional, final.
+    pub rows_written: IntCounterVec,
+    /// Failed store operations (writes, probes, checkpoints).
+    pub store_errors: IntCounter,
+    /// 0 closed, 1 open, 2 half-open.
+    pub circuit_state: IntGauge,
+    /// Dead letters acknowledged by Kafka, by reason.
+    pub dlq_writes: IntCounterVec,
+    /// Kafka commits by result: ok, error.
+    pub commits: IntCounterVec,
+    /// Records between the read position and the partition's high watermark.
+    pub consumer_lag: IntGaugeVec,
+    /// Wall clock minus the partition watermark, seconds.
+    pub watermark_lag: HistogramVec,
+    /// Age of the oldest counted increment not yet flushed, seconds.
+    pub freshness: prometheus::Gauge,
+    /// Owned partitions.
+    pub assigned_partitions: IntGauge,
+}
+
+impl AggregatorMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let records = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_records_total",
+                "Records consumed, by outcome",
+            ),
+            &["outcome"],
+        )?;
+        let open_windows = IntGauge::new(
+            "tally_aggregator_open_windows",
+            "Open windows (distinct window starts per partition)",
+        )?;
+        let keys_in_memory = IntGauge::new(
+            "tally_aggregator_keys_in_memory",
+            "Open key-windows held in memory",
+        )?;
+        let flush_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "tally_aggregator_flush_duration_seconds",
+                "Time to write one flush (rows and checkpoints) to the store",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )?;
+        let rows_written = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_rows_written_total",
+                "Window rows written, by kind",
+            ),
+            &["kind"],
+        )?;
+        let store_errors = IntCounter::new(
+            "tally_aggregator_store_errors_total",
+            "Failed store operations",
+        )?;
+        let circuit_state = IntGauge::new(
+            "tally_aggregator_circuit_state",
+            "Store circuit breaker: 0 closed, 1 open, 2 half-open",
+        )?;
+        let dlq_writes = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_dlq_writes_total",
+                "Dead letters acknowledged, by reason",
+            ),
+            &["reason"],
+        )?;
+        let commits = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_commits_total",
+                "Kafka offset commits, by result",
+            ),
+            &["result"],
+        )?;
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "tally_aggregator_consumer_lag",
+                "Records between the read position and the high watermark, per partition",
+            ),
+            &["partition"],
+        )?;
+        let watermark_lag = HistogramVec::new(
+            HistogramOpts::new(
+                "tally_aggregator_watermark_lag_seconds",
+                "Wall clock minus the partition watermark at each flush",
+            )
+            .buckets(vec![
+                1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+            &["partition"],
+        )?;
+        let freshness = prometheus::Gauge::new(
+            "tally_aggregator_freshness_seconds",
+            "Age of the oldest counted increment not yet written to the store",
+        )?;
+        let assigned_partitions = IntGauge::new(
+            "tally_aggregator_assigned_partitions",
+            "Partitions owned by this instance",
+        )?;
+        registry.register(Box::new(records.clone()))?;
+        registry.register(Box::new(open_windows.clone()))?;
+        registry.register(Box::new(keys_in_memory.clone()))?;
+        registry.register(Box::new(flush_duration.clone()))?;
+        registry.register(Box::new(rows_written.clone()))?;
+        registry.register(Box::new(store_errors.clone()))?;
+        registry.register(Box::new(circuit_state.clone()))?;
+        registry.register(Box::new(dlq_writes.clone()))?;
+        registry.register(Box::new(commits.clone()))?;
+        registry.register(Box::new(consumer_lag.clone()))?;
+        registry.register(Box::new(watermark_lag.clone()))?;
+        registry.register(Box::new(freshness.clone()))?;
+        registry.register(Box::new(assigned_partitions.clone()))?;
+        // Pre-create the fixed label values so dashboards see zeros, not gaps.
+        for outcome in OUTCOMES {
+            records.with_label_values(&[outcome]);
+        }
+        for kind in ["provisional", "final"] {
+            rows_written.with_label_values(&[kind]);
+        }
+        for reason in tally_schemas::RejectReason::ALL {
+            dlq_writes.with_label_values(&[reason.code()]);
+        }
+        for result in ["ok", "error"] {
+            commits.with_label_values(&[result]);
+        }
+        Ok(AggregatorMetrics {
+            records,
+            open_windows,
+            keys_in_memory,
+            flush_duration,
+            rows_written,
+            store_errors,
+            circuit_state,
+            dlq_writes,
+            commits,
+            consumer_lag,
+            watermark_lag,
+            freshness,
+            assigned_partitions,
+        })
+    }
+}
+
+/// The `outcome` label values of `tally_aggregator_records_total`.
+pub const OUTCOMES: [&str; 7] = [
+    "counted",
+    "already_final",
+    "poison",
+    "late",
+    "future_timestamp",
+    "sum_overflow",
+    "invalid_timestamp",
+];

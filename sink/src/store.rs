@@ -1,0 +1,222 @@
+//! The window store trait and store addressing.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use tally_schemas::Checkpoint;
+use uuid::Uuid;
+
+use crate::error::SinkError;
+use crate::row::WindowRow;
+
+/// Identifies whose checkpoint a checkpoint row is: one consumer group's view of one
+/// partition of one topic.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CheckpointScope {
+    pub group: String,
+    pub topic: String,
+    pub partition: i32,
+}
+
+/// A durable home for window rows and per-partition checkpoints.
+///
+/// Every write is an absolute, version-guarded upsert: a row replaces the stored row
+/// of the same (key, window_start, partition) only if its [`WindowRow::version`] is
+/// higher. Writing the same rows twice, or in any order, leaves the same result.
+#[async_trait]
+pub trait WindowStore: Send + Sync + 'static {
+    /// Durably writes the rows (all or some may already be there). Returns only
+    /// once every row is durable; on error, any subset may have been written.
+    async fn write_rows(&self, rows: &[WindowRow]) -> Result<(), SinkError>;
+
+    /// The rows of `key` whose window starts in `[from_ms, to_ms)`, ordered by
+    /// (window_start, partition). `window_ms` is the window size, which lets stores
+    /// that cannot range-scan a partition key enumerate the window starts.
+    async fn read_rows(
+        &self,
+        key: Uuid,
+        from_ms: i64,
+        to_ms: i64,
+        window_ms: i64,
+    ) -> Result<Vec<WindowRow>, SinkError>;
+
+    /// Every row whose window starts in `[from_ms, to_ms)` (for `tally verify`).
+    async fn scan_rows(&self, from_ms: i64, to_ms: i64) -> Result<Vec<WindowRow>, SinkError>;
+
+    /// Records the checkpoint that a Kafka commit at `checkpoint.next_offset` stands
+    /// for. Written before the Kafka commit, so brokers that drop commit metadata
+    /// still let a restart find its replay state.
+    async fn save_checkpoint(
+        &self,
+        scope: &CheckpointScope,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), SinkError>;
+
+    /// The checkpoint saved for exactly `next_offset`, or with `None` the one with
+    /// the highest `next_offset` (used to learn the last generation after an
+    /// external offset reset).
+    async fn load_checkpoint(
+        &self,
+        scope: &CheckpointScope,
+        next_offset: Option<i64>,
+    ) -> Result<Option<Checkpoint>, SinkError>;
+
+    /// A cheap round trip that succeeds only if writes would (circuit-breaker probe).
+    async fn probe(&self) -> Result<(), SinkError>;
+
+    /// Where the store is, for logs and `tally dev`'s banner (no secrets).
+    fn describe(&self) -> String;
+}
+
+/// How many checkpoints at or below the newest saved offset a store keeps per
+/// [`CheckpointScope`] (the saved one included). More than one, because a save is
+/// followed by a Kafka commit that may fail: the restart then resumes at an earlier
+/// commit and must still find that commit's checkpoint.
+pub const CHECKPOINTS_KEPT: usize = 8;
+
+/// The checkpoint offsets to delete after saving one at `saved_offset`, given the
+/// offsets the store currently holds for the scope (any order, `saved_offset`
+/// included or not).
+///
+/// Keeps `saved_offset` and the [`CHECKPOINTS_KEPT`]` - 1` highest offsets below it;
+/// everything lower goes. Offsets *above* `saved_offset` are never pruned here: they
+/// belong either to a run abandoned by an offset reset (pruned once later saves pass
+/// them) or to another owner of the partition whose checkpoint a delayed save from a
+/// revoked owner must not destroy.
+pub fn checkpoints_to_prune(saved_offset: i64, stored_offsets: &[i64]) -> Vec<i64> {
+    let mut below: Vec<i64> = stored_offsets
+        .iter()
+        .copied()
+        .filter(|&offset| offset < saved_offset)
+        .collect();
+    below.sort_unstable_by(|a, b| b.cmp(a));
+    below.dedup();
+    below
+        .into_iter()
+        .skip(CHECKPOINTS_KEPT.saturating_sub(1))
+        .collect()
+}
+
+/// A parsed store address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// `sqlite://PATH` (relative or absolute path to the database file).
+    Sqlite { path: std::path::PathBuf },
+    /// `scylla://host:port[,host:port]/keyspace`.
+    Scylla {
+        nodes: Vec<String>,
+        keyspace: String,
+    },
+}
+
+impl std::str::FromStr for StoreUrl {
+    type Err = SinkError;
+
+    fn from_str(url: &str) -> Result<Self, SinkError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(SinkError::Config("sqlite:// needs a file path".into()));
+            }
+            return Ok(StoreUrl::Sqlite { path: path.into() });
+        }
+        if let Some(rest) = url.strip_prefix("scylla://") {
+            let (hosts, keyspace) = rest.split_once('/').ok_or_else(|| {
+                SinkError::Config(format!(
+                    "{url}: expected scylla://host:port[,host:port]/keyspace"
+                ))
+            })?;
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .filter(|h| !h.is_empty())
+                .map(str::to_owned)
+                .collect();
+            let keyspace_ok = !keyspace.is_empty()
+                && keyspace.len() <= 48
+                && keyspace
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && keyspace
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_alphabetic());
+            if nodes.is_empty() || !keyspace_ok {
+                return Err(SinkError::Config(format!(
+                    "{url}: expected scylla://host:port[,host:port]/keyspace with a keyspace of letters, digits and _"
+                )));
+            }
+            return Ok(StoreUrl::Scylla {
+                nodes,
+                keyspace: keyspace.to_owned(),
+            });
+        }
+        Err(SinkError::Config(format!(
+            "{url}: unknown store; use sqlite://PATH or scylla://host:port/keyspace"
+        )))
+    }
+}
+
+/// Settings that only the ScyllaDB backend uses.
+#[derive(Debug, Clone)]
+pub struct ScyllaOptions {
+    /// Replication clause used when the keyspace is created, e.g.
+    /// `{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}`.
+    pub replication: String,
+    /// Consistency level name for writes and reads (default `LOCAL_QUORUM`).
+    pub consistency: String,
+    /// Maximum concurrent statements in flight from one `write_rows` call.
+    pub max_concurrency: usize,
+}
+
+impl Default for ScyllaOptions {
+    fn default() -> Self {
+        ScyllaOptions {
+            replication: "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into(),
+            consistency: "LOCAL_QUORUM".into(),
+            max_concurrency: 256,
+        }
+    }
+}
+
+/// Opens (and creates if missing) the store at `url`.
+pub async fn open_store(
+    url: &str,
+    scylla: &ScyllaOptions,
+) -> Result<Arc<dyn WindowStore>, SinkError> {
+    match url.parse::<StoreUrl>()? {
+        StoreUrl::Sqlite { path } => Ok(Arc::new(crate::sqlite::SqliteStore::open(&path)?)),
+        StoreUrl::Scylla { nodes, keyspace } => Ok(Arc::new(
+            crate::scylla_store::ScyllaStore::connect(&nodes, &keyspace, scylla).await?,
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_saved_offset_and_the_newest_below_it() {
+        let stored: Vec<i64> = (0..20).map(|i| i * 10).collect();
+        let pruned = checkpoints_to_prune(190, &stored);
+        // 190 plus the 7 highest below it (180..=120) stay.
+        let expected: Vec<i64> = (0..12).rev().map(|i| i * 10).collect();
+        assert_eq!(pruned, expected);
+        assert!(checkpoints_to_prune(190, &stored[12..]).is_empty());
+    }
+
+    #[test]
+    fn prune_never_touches_offsets_above_the_saved_one() {
+        // A reset back to 5 (or a late save from a revoked owner) leaves 100..=170 alone.
+        let stored = [100, 110, 120, 130, 140, 150, 160, 170, 5, 4, 3, 2, 1, 0];
+        let pruned = checkpoints_to_prune(5, &stored);
+        assert_eq!(pruned, Vec::<i64>::new());
+        let stored = [100, 110, 120, 130, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0];
+        assert_eq!(checkpoints_to_prune(9, &stored), vec![1, 0]);
+    }
+
+    #[test]
+    fn prune_with_few_checkpoints_is_empty() {
+        assert!(checkpoints_to_prune(7, &[]).is_empty());
+        assert!(checkpoints_to_prune(7, &[7, 6, 5]).is_empty());
+    }
+}

@@ -1,0 +1,105 @@
+//! `tally dev`: the embedded playground. One process runs librdkafka's mock cluster
+//! (real Kafka protocol on localhost, reachable by any client), the ingest edge, one
+//! aggregator and the SQLite store, and prints where everything is.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use rdkafka::mocking::MockCluster;
+use tally_schemas::names::{DLQ_TOPIC, INCREMENTS_TOPIC};
+use tokio::sync::watch;
+
+use crate::cli::DevArgs;
+
+/// Parses a library's flag struct from explicit arguments plus the environment, so
+/// the playground honours the same env vars as the standalone commands.
+#[derive(Parser)]
+struct Flags<T: clap::Args> {
+    #[command(flatten)]
+    inner: T,
+}
+
+fn flags<T: clap::Args>(args: &[&str]) -> anyhow::Result<T> {
+    let argv = std::iter::once("tally").chain(args.iter().copied());
+    Ok(Flags::<T>::try_parse_from(argv)?.inner)
+}
+
+pub fn run(runtime: &tokio::runtime::Runtime, args: DevArgs) -> anyhow::Result<()> {
+    // The mock cluster lives on this thread for the whole run and is dropped last.
+    let cluster =
+        MockCluster::new(args.brokers).context("starting the in-process Kafka cluster")?;
+    cluster
+        .create_topic(INCREMENTS_TOPIC, args.partitions, 1)
+        .context("creating the increments topic")?;
+    cluster
+        .create_topic(DLQ_TOPIC, 1, 1)
+        .context("creating the dead-letter topic")?;
+    let bootstrap = cluster.bootstrap_servers();
+    let result = runtime.block_on(serve(&args, &bootstrap));
+    drop(cluster);
+    result
+}
+
+async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let db_path = args.data_dir.join("tally.sqlite");
+    let store_url = format!("sqlite://{}", db_path.display());
+    let window = humantime::format_duration(args.window).to_string();
+
+    let ingest_config: tally_ingest::IngestConfig =
+        flags(&["--listen", &args.listen, "--brokers", bootstrap])?;
+    let aggregator_config: tally_aggregator::AggregatorConfig = flags(&[
+        "--brokers",
+        bootstrap,
+        "--store",
+        &store_url,
+        "--group",
+        "tally-dev",
+        "--window",
+        &window,
+    ])?;
+    let store = tally_sink::open_store(&store_url, &aggregator_config.scylla_options())
+        .await
+        .with_context(|| format!("opening {store_url}"))?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let address = listener.local_addr()?;
+    let registry = prometheus::Registry::new();
+    let (stop, stopping) = watch::channel(false);
+
+    let window_ms = i64::try_from(args.window.as_millis()).unwrap_or(i64::MAX);
+    let read_handler = crate::read_api::handler(store.clone(), window_ms);
+    let ingest = tokio::spawn(tally_ingest::run_with(
+        ingest_config,
+        listener,
+        registry.clone(),
+        crate::shutdown::stopped(stopping.clone()),
+        Some(read_handler),
+    ));
+    let aggregator = tokio::spawn(tally_aggregator::run_with_store(
+        aggregator_config,
+        Arc::clone(&store),
+        registry,
+        crate::shutdown::stopped(stopping.clone()),
+    ));
+
+    println!("ingest: http://{address}");
+    println!("kafka: {bootstrap}");
+    println!("store: {store_url}");
+    println!("metrics: http://{address}/metrics");
+    println!("ready");
+
+    tokio::select! {
+        () = crate::shutdown::signal_then_notify(Some(stop.clone())) => {}
+        () = crate::shutdown::stopped(stopping) => {}
+    }
+    let _ = stop.send(true);
+    let ingest_result = ingest.await.context("ingest task")?;
+    let aggregator_result = aggregator.await.context("aggregator task")?;
+    ingest_result?;
+    aggregator_result?;
+    Ok(())
+}

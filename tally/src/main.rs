@@ -1,0 +1,73 @@
+//! `tally`: the one command. Subcommands are thin: they parse flags (each with an
+//! env var), set up logging and shutdown, and call the library crates.
+//!
+//! - `ingest`: the HTTP edge (`tally_ingest`).
+//! - `aggregator`: the consumer-group window aggregator (`tally_aggregator`), with
+//!   `/metrics` and `/healthz` on `--metrics-listen`.
+//! - `dev`: the embedded playground (`dev.rs`).
+//! - `query`, `replay`, `dlq`, `verify`: operations (`ops/`).
+
+mod cli;
+mod dev;
+mod metrics_http;
+mod read_api;
+mod shutdown;
+mod telemetry;
+
+use anyhow::Context;
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init(&cli.log)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    match cli.command {
+        // The playground keeps librdkafka's mock cluster on the main thread (it is
+        // not Send), so it drives the runtime itself.
+        Command::Dev(args) => dev::run(&runtime, args),
+        command => runtime.block_on(run(command)),
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Ingest(args) => {
+            let listener = tokio::net::TcpListener::bind(&args.config.listen)
+                .await
+                .with_context(|| format!("binding {}", args.config.listen))?;
+            let registry = prometheus::Registry::new();
+            tally_ingest::run(
+                args.config,
+                listener,
+                registry,
+                shutdown::signal_then_notify(None),
+            )
+            .await?;
+        }
+        Command::Aggregator(args) => {
+            let registry = prometheus::Registry::new();
+            let (stop, stopped) = tokio::sync::watch::channel(false);
+            let metrics = metrics_http::serve(&args.metrics_listen, registry.clone(), stopped)
+                .await
+                .with_context(|| format!("binding {}", args.metrics_listen))?;
+            let result =
+                tally_aggregator::run(args.config, registry, shutdown::signal_then_notify(None))
+                    .await;
+            let _ = stop.send(true);
+            let _ = metrics.await;
+            result?;
+        }
+        Command::Dev(_) => unreachable_dev(),
+    }
+    Ok(())
+}
+
+/// `dev` is dispatched before the runtime starts; reaching here is a wiring bug.
+fn unreachable_dev() {
+    tracing::error!("tally dev must be started from main");
+}
