@@ -16,6 +16,9 @@ pub mod scylla_store;
 pub mod sqlite;
 pub mod store;
 
+pub use dlq::{DeadLetter, DeadLetterProducer};
 pub use error::SinkError;
 pub use row::{WindowRow, WindowTotal};
-pub use store::{open_store, StoreUrl, WindowStore};
+pub use scylla_store::ScyllaStore;
+pub use sqlite::SqliteStore;
+pub use store::{open_store, CheckpointScope, ScyllaOptions, StoreUrl, WindowStore};
