@@ -411,6 +411,7 @@ struct OwnedDeadLetter {
     partition: i32,
     offset: i64,
     timestamp_ms: Option<i64>,
+    redriven_from: Option<Vec<u8>>,
     assignment: u64,
 }
 
@@ -608,6 +609,7 @@ impl Loop {
             partition,
             offset,
             timestamp_ms,
+            redriven_from: redriven_from(message),
             assignment: state.assignment,
         };
         drop(partitions);
@@ -628,6 +630,7 @@ impl Loop {
                     source_partition: letter.partition,
                     source_offset: letter.offset,
                     source_timestamp_ms: letter.timestamp_ms,
+                    redriven_from: letter.redriven_from.as_deref(),
                 })
                 .await;
             (letter, result)
@@ -887,6 +890,16 @@ impl Loop {
         }
         self.consumer.unsubscribe();
     }
+}
+
+/// The `tally.redriven-from` header of a record, if `tally dlq redrive` put it there.
+fn redriven_from(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<Vec<u8>> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == tally_schemas::names::REDRIVEN_HEADER)
+        .and_then(|header| header.value.map(<[u8]>::to_vec))
 }
 
 fn engine_rejection_text(reason: RejectReason, timestamp_ms: Option<i64>) -> String {

@@ -31,6 +31,9 @@ pub struct DeadLetter<'a> {
     pub source_offset: i64,
     /// The source record's timestamp in ms; `None` leaves `dlq.source.timestamp` out.
     pub source_timestamp_ms: Option<i64>,
+    /// The source record's `tally.redriven-from` header, copied so that a re-driven
+    /// record that fails again is recognisable (and not re-driven in a loop).
+    pub redriven_from: Option<&'a [u8]>,
 }
 
 /// An idempotent, acks=all Kafka producer for dead letters.
@@ -104,6 +107,12 @@ impl DeadLetterProducer {
             .insert(header(names::DLQ_SOURCE_OFFSET_HEADER, &offset));
         if let Some(timestamp) = &timestamp {
             headers = headers.insert(header(names::DLQ_SOURCE_TIMESTAMP_HEADER, timestamp));
+        }
+        if let Some(source) = letter.redriven_from {
+            headers = headers.insert(Header {
+                key: names::REDRIVEN_HEADER,
+                value: Some(source),
+            });
         }
 
         let mut record: FutureRecord<'_, [u8], [u8]> =

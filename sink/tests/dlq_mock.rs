@@ -84,6 +84,7 @@ async fn dead_letters_keep_bytes_and_carry_every_header() {
             source_partition: 7,
             source_offset: 123_456_789_012,
             source_timestamp_ms: Some(1_790_000_000_123),
+            redriven_from: None,
         })
         .await
         .unwrap();
@@ -98,6 +99,7 @@ async fn dead_letters_keep_bytes_and_carry_every_header() {
             source_partition: 0,
             source_offset: 0,
             source_timestamp_ms: None,
+            redriven_from: None,
         })
         .await
         .unwrap();
@@ -159,6 +161,7 @@ async fn a_send_with_the_brokers_down_fails_within_its_deadline() {
             source_partition: 1,
             source_offset: 9,
             source_timestamp_ms: Some(1),
+            redriven_from: None,
         }),
     )
     .await

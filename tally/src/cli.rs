@@ -27,6 +27,14 @@ pub enum Command {
     Aggregator(AggregatorArgs),
     /// Run the whole pipeline on this machine: in-process Kafka, SQLite, ingest, aggregator.
     Dev(DevArgs),
+    /// Print the window totals of one key (one JSON object per window).
+    Query(crate::ops::query::QueryArgs),
+    /// Rebuild windows from a time or from offsets (with the aggregators stopped).
+    Replay(crate::ops::replay::ReplayArgs),
+    /// List or re-drive dead letters.
+    Dlq(crate::ops::dlq::DlqArgs),
+    /// Recompute the sums from the topic and diff them against the store (exit 1 on any difference).
+    Verify(crate::ops::verify::VerifyArgs),
 }
 
 #[derive(clap::Args, Debug)]

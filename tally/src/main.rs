@@ -10,6 +10,7 @@
 mod cli;
 mod dev;
 mod metrics_http;
+mod ops;
 mod read_api;
 mod shutdown;
 mod telemetry;
@@ -63,6 +64,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
             result?;
         }
         Command::Dev(_) => unreachable_dev(),
+        Command::Query(args) => ops::query::run(args).await?,
+        Command::Replay(args) => ops::replay::run(args).await?,
+        Command::Dlq(args) => ops::dlq::run(args).await?,
+        Command::Verify(args) => {
+            let clean = ops::verify::run(args).await?;
+            if !clean {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }

@@ -1,0 +1,402 @@
+//! End-to-end tests of the operations commands (`query`, `verify`, `replay`, `dlq`)
+//! against the mock cluster, a real `tally aggregator` and the SQLite store.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Output;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use support::*;
+use uuid::Uuid;
+
+const WINDOW_MS: i64 = 2000;
+
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn produce(bootstrap: &str, records: &[(Vec<u8>, Vec<u8>, i64)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    block_on(async {
+        for (key, value, timestamp) in records {
+            producer
+                .send(
+                    FutureRecord::to(TOPIC)
+                        .key(key)
+                        .payload(value)
+                        .timestamp(*timestamp),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    });
+}
+
+fn increment(key: Uuid, value: i64, timestamp: i64) -> (Vec<u8>, Vec<u8>, i64) {
+    (
+        key.to_string().into_bytes(),
+        format!(r#"{{"key":"{key}","value":{value}}}"#).into_bytes(),
+        timestamp,
+    )
+}
+
+fn run_tally(args: &[&str]) -> Output {
+    let output = tally().args(args).output().unwrap();
+    eprintln!(
+        "tally {}\n-- stdout\n{}-- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Per (key, window_start): (sum, count) of `records` (all valid and timely).
+fn per_window(records: &[(Uuid, i64, i64)]) -> HashMap<(Uuid, i64), (i64, i64)> {
+    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
+    for (key, value, timestamp) in records {
+        let entry = sums
+            .entry((*key, timestamp.div_euclid(WINDOW_MS) * WINDOW_MS))
+            .or_default();
+        entry.0 += value;
+        entry.1 += 1;
+    }
+    sums
+}
+
+fn stored_per_window(store: &Path) -> HashMap<(Uuid, i64), (i64, i64)> {
+    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
+    for row in block_on(store_rows(store)) {
+        let entry = sums.entry((row.key, row.window_start_ms)).or_default();
+        entry.0 += row.sum;
+        entry.1 += row.count;
+    }
+    sums
+}
+
+/// Ordered records over 20 s of event time, two minutes ago, for three keys.
+fn history(keys: &[Uuid]) -> (Vec<(Uuid, i64, i64)>, i64) {
+    let base = (now_ms() - 120_000).div_euclid(WINDOW_MS) * WINDOW_MS;
+    let records = (0..200)
+        .map(|i| {
+            (
+                keys[i % keys.len()],
+                (i % 9 + 1) as i64,
+                base + i as i64 * 100,
+            )
+        })
+        .collect();
+    (records, base)
+}
+
+fn start_aggregator(kafka: &Kafka, group: &str, store: &Path, log: &Path) -> Proc {
+    spawn_aggregator(
+        &AggregatorOptions {
+            bootstrap: &kafka.bootstrap,
+            group,
+            store,
+            metrics_port: free_port(),
+            extra: &[],
+        },
+        group,
+        log,
+    )
+}
+
+#[test]
+fn query_prints_windows_and_verify_catches_a_tampered_row() {
+    let kafka = Kafka::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tally.sqlite");
+    let log = dir.path().join("aggregator.log");
+    let _aggregator = start_aggregator(&kafka, "ops-query", &store, &log);
+    let keys = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
+    let (records, base) = history(&keys);
+    produce(
+        &kafka.bootstrap,
+        &records
+            .iter()
+            .map(|(k, v, t)| increment(*k, *v, *t))
+            .collect::<Vec<_>>(),
+    );
+    let expected = per_window(&records);
+    wait_for(
+        Duration::from_secs(60),
+        "the store to hold every window",
+        || stored_per_window(&store) == expected,
+    );
+
+    let store_url = format!("sqlite://{}", store.display());
+    let from = base.to_string();
+    let to = (base + 30_000).to_string();
+    let key = keys[1].to_string();
+    let output = run_tally(&[
+        "query", "--store", &store_url, "--key", &key, "--from", &from, "--to", &to, "--window",
+        "2s",
+    ]);
+    assert!(output.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let want: Vec<_> = {
+        let mut windows: Vec<_> = expected
+            .iter()
+            .filter(|((k, _), _)| *k == keys[1])
+            .collect();
+        windows.sort_by_key(|((_, start), _)| *start);
+        windows
+    };
+    assert_eq!(lines.len(), want.len());
+    for (line, ((_, _), (sum, count))) in lines.iter().zip(&want) {
+        assert_eq!(line["key"], key.as_str());
+        assert_eq!(line["sum"], *sum);
+        assert_eq!(line["count"], *count);
+        assert!(line["window_start"].as_str().unwrap().ends_with('Z'));
+        assert!(line["final"].is_boolean());
+    }
+    // All but the newest windows are final: later records moved the watermark.
+    assert!(lines.first().unwrap()["final"].as_bool().unwrap());
+
+    let verify = |expect_clean: bool| {
+        let output = run_tally(&[
+            "verify",
+            "--brokers",
+            &kafka.bootstrap,
+            "--store",
+            &store_url,
+            "--window",
+            "2s",
+            "--grace",
+            "500ms",
+        ]);
+        assert_eq!(output.status.success(), expect_clean, "verify exit status");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    assert_eq!(verify(true), "");
+
+    let tamper = rusqlite::Connection::open(&store).unwrap();
+    let changed = tamper
+        .execute(
+            "UPDATE window_sums SET sum = sum + 1 WHERE key = ?1 AND window_start = ?2",
+            rusqlite::params![keys[0].to_string(), base],
+        )
+        .unwrap();
+    assert_eq!(changed, 1);
+    drop(tamper);
+    let differences = verify(false);
+    assert_eq!(differences.lines().count(), 1, "{differences}");
+    assert!(differences.contains(&keys[0].to_string()));
+}
+
+#[test]
+fn replay_from_time_rebuilds_later_windows_with_a_new_generation() {
+    let kafka = Kafka::start(2);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tally.sqlite");
+    let group = "ops-replay";
+    let keys = [
+        Uuid::from_u128(10),
+        Uuid::from_u128(11),
+        Uuid::from_u128(12),
+    ];
+    let (records, base) = history(&keys);
+    produce(
+        &kafka.bootstrap,
+        &records
+            .iter()
+            .map(|(k, v, t)| increment(*k, *v, *t))
+            .collect::<Vec<_>>(),
+    );
+    let expected = per_window(&records);
+    let mut aggregator = start_aggregator(&kafka, group, &store, &dir.path().join("a1.log"));
+    wait_for(
+        Duration::from_secs(60),
+        "the store to hold every window",
+        || stored_per_window(&store) == expected,
+    );
+    assert!(aggregator.terminate(Duration::from_secs(30)).success());
+
+    // Damage the store: lose every row from `cut` on, and corrupt one row before it.
+    let cut = base + 10_000;
+    let damage = rusqlite::Connection::open(&store).unwrap();
+    let lost = damage
+        .execute("DELETE FROM window_sums WHERE window_start >= ?1", [cut])
+        .unwrap();
+    assert!(lost > 0);
+    damage
+        .execute(
+            "UPDATE window_sums SET sum = 999999 WHERE key = ?1 AND window_start = ?2",
+            rusqlite::params![keys[0].to_string(), base],
+        )
+        .unwrap();
+    drop(damage);
+
+    let store_url = format!("sqlite://{}", store.display());
+    let from = humantime::format_rfc3339_millis(UNIX_EPOCH + Duration::from_millis(cut as u64))
+        .to_string();
+    let replay = || {
+        let output = run_tally(&[
+            "replay",
+            "--brokers",
+            &kafka.bootstrap,
+            "--group",
+            group,
+            "--store",
+            &store_url,
+            "--from",
+            &from,
+            "--window",
+            "2s",
+        ]);
+        assert!(output.status.success());
+    };
+    replay();
+    let mut aggregator = start_aggregator(&kafka, group, &store, &dir.path().join("a2.log"));
+    let mut repaired = expected.clone();
+    repaired.insert((keys[0], base), (999_999, expected[&(keys[0], base)].1));
+    wait_for(
+        Duration::from_secs(60),
+        "windows from the replay time to be rebuilt",
+        || stored_per_window(&store) == repaired,
+    );
+    let rows = block_on(store_rows(&store));
+    assert!(rows
+        .iter()
+        .filter(|r| r.window_start_ms >= cut)
+        .all(|r| r.generation == 1));
+    // Windows before the replay time were left exactly as they were.
+    assert!(rows
+        .iter()
+        .filter(|r| r.window_start_ms < cut)
+        .all(|r| r.generation == 0));
+    assert!(aggregator.terminate(Duration::from_secs(30)).success());
+
+    // Twice: the same sums, one generation higher.
+    replay();
+    let _aggregator = start_aggregator(&kafka, group, &store, &dir.path().join("a3.log"));
+    wait_for(
+        Duration::from_secs(60),
+        "the second replay to finish",
+        || {
+            let rows = block_on(store_rows(&store));
+            rows.iter()
+                .filter(|r| r.window_start_ms >= cut)
+                .all(|r| r.generation == 2)
+                && stored_per_window(&store) == repaired
+        },
+    );
+}
+
+#[test]
+fn dlq_list_filters_by_reason_and_redrive_happens_once() {
+    let kafka = Kafka::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tally.sqlite");
+    let _aggregator = start_aggregator(&kafka, "ops-dlq", &store, &dir.path().join("a.log"));
+    let key = Uuid::from_u128(77);
+    let now = now_ms();
+    produce(
+        &kafka.bootstrap,
+        &[
+            (b"k1".to_vec(), b"{oops".to_vec(), now),
+            (
+                key.to_string().into_bytes(),
+                format!(r#"{{"key":"{key}","value":0}}"#).into_bytes(),
+                now,
+            ),
+            (b"k3".to_vec(), b"[]".to_vec(), now),
+        ],
+    );
+    let list = |reason: Option<&str>| -> Vec<serde_json::Value> {
+        let mut args = vec!["dlq", "list", "--brokers", &kafka.bootstrap];
+        if let Some(reason) = reason {
+            args.extend(["--reason", reason]);
+        }
+        let output = run_tally(&args);
+        assert!(output.status.success());
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect()
+    };
+    wait_for(Duration::from_secs(60), "three dead letters", || {
+        list(None).len() == 3
+    });
+    let invalid_value = list(Some("invalid_value"));
+    assert_eq!(invalid_value.len(), 1);
+    assert_eq!(invalid_value[0]["headers"]["dlq.reason"], "invalid_value");
+    assert_eq!(invalid_value[0]["headers"]["dlq.source.topic"], TOPIC);
+    assert_eq!(invalid_value[0]["key"], key.to_string());
+    assert_eq!(list(Some("invalid_json")).len(), 1);
+    assert_eq!(list(Some("not_an_object")).len(), 1);
+
+    let redrive = || {
+        let output = run_tally(&[
+            "dlq",
+            "redrive",
+            "--brokers",
+            &kafka.bootstrap,
+            "--reason",
+            "invalid_value",
+        ]);
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().lines().count()
+    };
+    assert_eq!(redrive(), 1);
+    assert_eq!(redrive(), 0, "a letter must be re-driven only once");
+
+    // The input topic got exactly one re-driven record, marked with its source.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &kafka.bootstrap)
+        .set("group.id", "ops-dlq-check")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[TOPIC]).unwrap();
+    let mut redriven = Vec::new();
+    let mut seen = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while seen < 4 && std::time::Instant::now() < until {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(300)) {
+            seen += 1;
+            if let Some(headers) = message.headers() {
+                for header in headers.iter() {
+                    let header: Header<'_, &[u8]> = header;
+                    if header.key == "tally.redriven-from" {
+                        redriven.push(String::from_utf8_lossy(header.value.unwrap()).into_owned());
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(seen, 4);
+    assert_eq!(redriven, vec![format!("0:{}", invalid_value[0]["offset"])]);
+}
