@@ -42,11 +42,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 .await
                 .with_context(|| format!("binding {}", args.config.listen))?;
             let registry = prometheus::Registry::new();
-            tally_ingest::run(
+            let read_handler = match &args.store {
+                Some(url) => {
+                    let store = tally_sink::open_store(url, &Default::default())
+                        .await
+                        .with_context(|| format!("opening {url}"))?;
+                    let window_ms =
+                        i64::try_from(args.window.as_millis()).context("--window too large")?;
+                    Some(read_api::handler(store, window_ms))
+                }
+                None => None,
+            };
+            tally_ingest::run_with(
                 args.config,
                 listener,
                 registry,
                 shutdown::signal_then_notify(None),
+                read_handler,
             )
             .await?;
         }
