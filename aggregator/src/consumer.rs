@@ -48,6 +48,8 @@ use crate::metrics::AggregatorMetrics;
 const MAX_DEAD_LETTERS_IN_FLIGHT: usize = 1024;
 /// Longest a single store call may take before it counts as failed.
 const STORE_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an assignment waits for the store's checkpoint before the process stops.
+const ASSIGN_LOOKUP_PATIENCE: Duration = Duration::from_secs(120);
 /// Deadline for fetching committed offsets on assignment.
 const COMMITTED_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -83,6 +85,8 @@ struct Shared {
     next_assignment: AtomicU64,
     /// True while the circuit is open: newly assigned partitions start paused.
     paused: AtomicBool,
+    /// Set when the aggregator cannot go on safely (see `Shared::fail`).
+    fatal: Mutex<Option<String>>,
     runtime: tokio::runtime::Handle,
 }
 
@@ -172,13 +176,13 @@ impl Shared {
     /// Decides where an assigned partition resumes, from the Kafka commit metadata,
     /// else the store checkpoint saved for the committed offset, else (an offset reset
     /// by external tools) an external-reset resume with a new generation.
-    fn resume_for(&self, partition: i32, offset: Offset, metadata: &str) -> Resume {
+    fn resume_for(&self, partition: i32, offset: Offset, metadata: &str) -> Option<Resume> {
         let Offset::Offset(committed) = offset else {
             // Never committed: start from the earliest record with no history.
-            return Resume::Checkpoint(Checkpoint::fresh(0));
+            return Some(Resume::Checkpoint(Checkpoint::fresh(0)));
         };
         match Checkpoint::from_metadata(metadata, committed) {
-            Ok(checkpoint) => return Resume::Checkpoint(checkpoint),
+            Ok(checkpoint) => return Some(Resume::Checkpoint(checkpoint)),
             Err(err) if !metadata.is_empty() => {
                 debug!(partition, %err, "commit metadata is not usable")
             }
@@ -186,42 +190,83 @@ impl Shared {
         }
         let scope = self.scope(partition);
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
+        // Without the store's checkpoint neither the exact state nor the generation to
+        // write with can be known, so guessing is not an option: retry, then stop.
         let lookup = self.block_on(async move {
-            let exact = store.load_checkpoint(&scope, Some(committed)).await?;
-            let latest = match exact {
-                Some(_) => None,
-                None => store.load_checkpoint(&scope, None).await?,
-            };
-            Ok::<_, SinkError>((exact, latest))
+            let mut delays = backon::ExponentialBuilder::default()
+                .with_jitter()
+                .with_max_delay(Duration::from_secs(5))
+                .with_total_delay(Some(ASSIGN_LOOKUP_PATIENCE))
+                .build();
+            loop {
+                let attempt = async {
+                    let exact = store.load_checkpoint(&scope, Some(committed)).await?;
+                    let latest = match exact {
+                        Some(_) => None,
+                        None => store.load_checkpoint(&scope, None).await?,
+                    };
+                    Ok::<_, SinkError>((exact, latest))
+                };
+                match attempt.await {
+                    Ok(found) => return Ok(found),
+                    Err(err) => {
+                        metrics.store_errors.inc();
+                        match delays.next() {
+                            Some(delay) => {
+                                warn!(partition, %err, retry_in = ?delay, "store checkpoint lookup failed");
+                                tokio::time::sleep(delay).await;
+                            }
+                            None => return Err(err),
+                        }
+                    }
+                }
+            }
         });
         match lookup {
-            Some(Ok((Some(checkpoint), _))) => Resume::Checkpoint(checkpoint),
+            Some(Ok((Some(checkpoint), _))) => Some(Resume::Checkpoint(checkpoint)),
             Some(Ok((None, latest))) => {
                 let generation = latest.map_or(1, |c| c.generation.saturating_add(1));
                 info!(
                     partition,
                     committed, generation, "offset without Tally state: external reset"
                 );
-                Resume::ExternalReset {
+                Some(Resume::ExternalReset {
                     next_offset: committed,
                     generation,
-                }
+                })
             }
             Some(Err(err)) => {
-                // Without the store we cannot know the generation; a conservative
-                // external reset freezes everything before the first record read.
-                error!(partition, %err, "store checkpoint lookup failed");
-                self.metrics.store_errors.inc();
-                Resume::ExternalReset {
-                    next_offset: committed,
-                    generation: 1,
-                }
+                self.fail(format!(
+                    "partition {partition}: the store checkpoint for offset {committed} could not be read: {err}"
+                ));
+                None
             }
-            None => Resume::ExternalReset {
-                next_offset: committed,
-                generation: 1,
-            },
+            None => {
+                self.fail(format!(
+                    "partition {partition}: cannot wait for the store on this runtime"
+                ));
+                None
+            }
         }
+    }
+
+    /// Records a condition the aggregator cannot continue under; the loop stops
+    /// without committing and `run` returns the error (a restart replays).
+    fn fail(&self, reason: String) {
+        error!(%reason, "aggregator must stop");
+        let mut fatal = self
+            .fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        fatal.get_or_insert(reason);
+    }
+
+    fn fatal(&self) -> Option<String> {
+        self.fatal
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 }
 
@@ -350,19 +395,22 @@ impl AggregatorContext {
         let committed = match committed {
             Ok(committed) => committed,
             Err(err) => {
-                // Without the committed offsets we cannot rebuild state exactly: leave
-                // the partitions uninitialised; their records are refetched once the
-                // loop re-seeks them (see `Loop::adopt_unknown_partition`).
-                error!(%err, "could not fetch committed offsets on assignment");
+                // Without the committed offsets the state cannot be rebuilt exactly.
+                self.shared.fail(format!(
+                    "could not fetch committed offsets on assignment: {err}"
+                ));
                 return;
             }
         };
         let mut adopted = TopicPartitionList::new();
         for element in committed.elements_for_topic(&self.shared.topic) {
             let partition = element.partition();
-            let resume = self
-                .shared
-                .resume_for(partition, element.offset(), element.metadata());
+            let Some(resume) =
+                self.shared
+                    .resume_for(partition, element.offset(), element.metadata())
+            else {
+                continue;
+            };
             info!(partition, ?resume, "assigned");
             let engine = PartitionEngine::new(self.shared.engine_config, partition, resume);
             let assignment = self.shared.next_assignment.fetch_add(1, Ordering::Relaxed);
@@ -469,6 +517,7 @@ pub async fn run_with_store(
         high_watermarks: Mutex::new(HashMap::new()),
         next_assignment: AtomicU64::new(1),
         paused: AtomicBool::new(false),
+        fatal: Mutex::new(None),
         runtime: tokio::runtime::Handle::current(),
     });
     let consumer: StreamConsumer<AggregatorContext> = ClientConfig::new()
@@ -510,6 +559,11 @@ pub async fn run_with_store(
     };
     info!(topic = %config.topic, group = %config.group, store = %event_loop.shared.store.describe(), "aggregator running");
     event_loop.run(config.flush_interval, shutdown).await;
+    if let Some(reason) = event_loop.shared.fatal() {
+        // Stop without writing or committing: a restart replays from the last commit.
+        event_loop.consumer.unsubscribe();
+        return Err(AggregatorError::Fatal(reason));
+    }
     event_loop.shut_down(config.shutdown_timeout).await;
     Ok(())
 }
@@ -521,6 +575,9 @@ impl Loop {
         tokio::pin!(shutdown);
         let consumer = self.consumer.clone();
         loop {
+            if self.shared.fatal().is_some() {
+                return;
+            }
             let reading = self.in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT;
             tokio::select! {
                 biased;

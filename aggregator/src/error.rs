@@ -13,6 +13,11 @@ pub enum AggregatorError {
     /// The store or the dead-letter producer failed.
     #[error(transparent)]
     Sink(#[from] SinkError),
+    /// The aggregator stopped without committing because it could not continue
+    /// exactly (e.g. the store checkpoint of an assigned partition was unreadable);
+    /// a restart replays from the last commit.
+    #[error("aggregator stopped: {0}")]
+    Fatal(String),
     /// Metric registration failed (a name registered twice).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -23,7 +28,7 @@ impl AggregatorError {
     pub fn is_retryable(&self) -> bool {
         match self {
             AggregatorError::Config(_) | AggregatorError::Metrics(_) => false,
-            AggregatorError::Kafka(_) => true,
+            AggregatorError::Kafka(_) | AggregatorError::Fatal(_) => true,
             AggregatorError::Sink(err) => err.is_retryable(),
         }
     }

@@ -10,7 +10,7 @@
 //! - [`breaker`]: the store circuit breaker (pure state machine).
 //! - [`config`]: `tally aggregator` flags and env vars.
 //! - [`metrics`]: every `tally_aggregator_*` metric, in one place.
-//! - [`error`]: [`AggregatorError`].
+//! - [`error`]: the crate error type, [`AggregatorError`].
 
 pub mod breaker;
 pub mod config;
