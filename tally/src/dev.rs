@@ -90,11 +90,29 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     println!("kafka: {bootstrap}");
     println!("store: {store_url}");
     println!("metrics: http://{address}/metrics");
-    println!("ready");
+    let mut ingest = ingest;
+    let mut aggregator = aggregator;
+    tokio::select! {
+        ready = wait_until_ready(address) => {
+            ready?;
+            println!("ready");
+        }
+        result = &mut ingest => return task_ended("ingest", result),
+        result = &mut aggregator => return task_ended("aggregator", result),
+    }
 
     tokio::select! {
         () = crate::shutdown::signal_then_notify(Some(stop.clone())) => {}
-        () = crate::shutdown::stopped(stopping) => {}
+        result = &mut ingest => {
+            let _ = stop.send(true);
+            let _ = aggregator.await;
+            return task_ended("ingest", result);
+        }
+        result = &mut aggregator => {
+            let _ = stop.send(true);
+            let _ = ingest.await;
+            return task_ended("aggregator", result);
+        }
     }
     let _ = stop.send(true);
     let ingest_result = ingest.await.context("ingest task")?;
@@ -102,4 +120,41 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     ingest_result?;
     aggregator_result?;
     Ok(())
+}
+
+/// A component stopped on its own before shutdown was asked for.
+fn task_ended<E: Into<anyhow::Error>>(
+    name: &str,
+    result: Result<Result<(), E>, tokio::task::JoinError>,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(Ok(())) => anyhow::bail!("{name} stopped unexpectedly"),
+        Ok(Err(err)) => Err(err.into().context(format!("{name} failed"))),
+        Err(err) => Err(anyhow::Error::new(err).context(format!("{name} task"))),
+    }
+}
+
+/// Waits until the edge answers `/readyz` with 200 (the broker is reachable).
+async fn wait_until_ready(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let probe = async {
+            let mut stream = tokio::net::TcpStream::connect(address).await?;
+            stream
+                .write_all(b"GET /readyz HTTP/1.1\r\nhost: tally\r\nconnection: close\r\n\r\n")
+                .await?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await?;
+            Ok::<_, std::io::Error>(head.ends_with(b"200"))
+        };
+        if let Ok(Ok(true)) = tokio::time::timeout(std::time::Duration::from_secs(5), probe).await {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the playground's ingest edge did not become ready within a minute"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
