@@ -85,6 +85,10 @@ struct Shared {
     next_assignment: AtomicU64,
     /// True while the circuit is open: newly assigned partitions start paused.
     paused: AtomicBool,
+    /// True while a flush's rows are not yet durable (the store failed): a revoked
+    /// partition must then be handed over uncommitted, because its earlier rows may
+    /// exist only in that unwritten flush.
+    unwritten_flush: AtomicBool,
     /// Set when the aggregator cannot go on safely (see `Shared::fail`).
     fatal: Mutex<Option<String>>,
     runtime: tokio::runtime::Handle,
@@ -330,6 +334,13 @@ impl AggregatorContext {
         let Some(mut state) = self.shared.partitions().remove(&partition) else {
             return;
         };
+        if self.shared.unwritten_flush.load(Ordering::Relaxed) {
+            info!(
+                partition,
+                "revoked while the store is failing: handing over uncommitted"
+            );
+            return;
+        }
         let flush = state.engine.flush();
         let Some(checkpoint) = flush.checkpoint else {
             info!(
@@ -517,6 +528,7 @@ pub async fn run_with_store(
         high_watermarks: Mutex::new(HashMap::new()),
         next_assignment: AtomicU64::new(1),
         paused: AtomicBool::new(false),
+        unwritten_flush: AtomicBool::new(false),
         fatal: Mutex::new(None),
         runtime: tokio::runtime::Handle::current(),
     });
@@ -645,12 +657,12 @@ impl Loop {
             }
             Some(Err(invalid)) => {
                 state.engine.skip(offset);
-                shared.metrics.records.with_label_values(&["poison"]).inc();
+                shared.metrics.outcomes.poison.inc();
                 Some((invalid.reason, invalid.detail))
             }
             None => {
                 state.engine.skip(offset);
-                shared.metrics.records.with_label_values(&["poison"]).inc();
+                shared.metrics.outcomes.poison.inc();
                 Some((RejectReason::InvalidJson, "record has no value".to_owned()))
             }
         };
@@ -781,6 +793,7 @@ impl Loop {
                     .inc_by((pending.rows.len() - finals) as u64);
                 let was_open = self.breaker.state() != CircuitState::Closed;
                 self.breaker.on_success();
+                self.shared.unwritten_flush.store(false, Ordering::Relaxed);
                 self.backoff = self.backoff_builder.build();
                 self.next_retry_at = None;
                 if was_open {
@@ -802,6 +815,7 @@ impl Loop {
                     warn!("circuit open: pausing partitions until a probe write succeeds");
                     self.set_paused(true);
                 }
+                self.shared.unwritten_flush.store(true, Ordering::Relaxed);
                 self.pending = Some(pending);
             }
         }

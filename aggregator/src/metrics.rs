@@ -34,6 +34,46 @@ pub struct AggregatorMetrics {
     pub freshness: prometheus::Gauge,
     /// Owned partitions.
     pub assigned_partitions: IntGauge,
+    /// `records` resolved per outcome once, so the per-record path does no label lookup.
+    pub outcomes: OutcomeCounters,
+}
+
+/// One counter handle per `outcome` label value of `tally_aggregator_records_total`.
+#[derive(Clone)]
+pub struct OutcomeCounters {
+    pub counted: IntCounter,
+    pub already_final: IntCounter,
+    pub poison: IntCounter,
+    pub late: IntCounter,
+    pub future_timestamp: IntCounter,
+    pub sum_overflow: IntCounter,
+    pub invalid_timestamp: IntCounter,
+}
+
+impl OutcomeCounters {
+    fn new(records: &IntCounterVec) -> Self {
+        OutcomeCounters {
+            counted: records.with_label_values(&["counted"]),
+            already_final: records.with_label_values(&["already_final"]),
+            poison: records.with_label_values(&["poison"]),
+            late: records.with_label_values(&["late"]),
+            future_timestamp: records.with_label_values(&["future_timestamp"]),
+            sum_overflow: records.with_label_values(&["sum_overflow"]),
+            invalid_timestamp: records.with_label_values(&["invalid_timestamp"]),
+        }
+    }
+
+    /// The counter for a record the engine rejected (poison is counted separately).
+    pub fn rejected(&self, reason: tally_schemas::RejectReason) -> &IntCounter {
+        use tally_schemas::RejectReason as R;
+        match reason {
+            R::Late => &self.late,
+            R::FutureTimestamp => &self.future_timestamp,
+            R::SumOverflow => &self.sum_overflow,
+            R::InvalidTimestamp => &self.invalid_timestamp,
+            _ => &self.poison,
+        }
+    }
 }
 
 impl AggregatorMetrics {
@@ -142,7 +182,9 @@ impl AggregatorMetrics {
         for result in ["ok", "error"] {
             commits.with_label_values(&[result]);
         }
+        let outcomes = OutcomeCounters::new(&records);
         Ok(AggregatorMetrics {
+            outcomes,
             records,
             open_windows,
             keys_in_memory,
