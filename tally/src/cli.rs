@@ -48,6 +48,8 @@ pub struct IngestArgs {
     /// Window size the aggregators use (for reads from ScyllaDB).
     #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
     pub window: std::time::Duration,
+    #[command(flatten)]
+    pub scylla: crate::scylla_args::ScyllaArgs,
 }
 
 #[derive(clap::Args, Debug)]

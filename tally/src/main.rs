@@ -12,6 +12,7 @@ mod dev;
 mod metrics_http;
 mod ops;
 mod read_api;
+mod scylla_args;
 mod shutdown;
 mod telemetry;
 
@@ -44,9 +45,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let registry = prometheus::Registry::new();
             let read_handler = match &args.store {
                 Some(url) => {
-                    let store = tally_sink::open_store(url, &Default::default())
-                        .await
-                        .with_context(|| format!("opening {url}"))?;
+                    let store = args.scylla.open(url).await?;
                     let window_ms =
                         i64::try_from(args.window.as_millis()).context("--window too large")?;
                     Some(read_api::handler(store, window_ms))

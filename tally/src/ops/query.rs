@@ -14,6 +14,8 @@ pub struct QueryArgs {
         default_value = "sqlite://data/tally.sqlite"
     )]
     pub store: String,
+    #[command(flatten)]
+    pub scylla: crate::scylla_args::ScyllaArgs,
     /// The key (UUID).
     #[arg(long)]
     pub key: Uuid,
@@ -32,9 +34,7 @@ pub async fn run(args: QueryArgs) -> anyhow::Result<()> {
     let window_ms = i64::try_from(args.window.as_millis()).context("--window too large")?;
     let (from_ms, to_ms) = resolve_range(args.from.as_deref(), args.to.as_deref(), window_ms)
         .map_err(anyhow::Error::msg)?;
-    let store = tally_sink::open_store(&args.store, &Default::default())
-        .await
-        .with_context(|| format!("opening {}", args.store))?;
+    let store = args.scylla.open(&args.store).await?;
     let totals = read_totals(&*store, args.key, from_ms, to_ms, window_ms).await?;
     for total in &totals {
         println!("{}", total_json(total));

@@ -44,6 +44,8 @@ pub struct ReplayArgs {
         default_value = "sqlite://data/tally.sqlite"
     )]
     pub store: String,
+    #[command(flatten)]
+    pub scylla: crate::scylla_args::ScyllaArgs,
     /// Rebuild windows from this time on (RFC 3339, e.g. 2026-11-21T10:00:00Z).
     #[arg(long)]
     pub from: Option<String>,
@@ -56,9 +58,7 @@ pub struct ReplayArgs {
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
-    let store = tally_sink::open_store(&args.store, &Default::default())
-        .await
-        .with_context(|| format!("opening {}", args.store))?;
+    let store = args.scylla.open(&args.store).await?;
     if let Some(from) = &args.from {
         let window_ms = i64::try_from(args.window.as_millis()).context("--window too large")?;
         anyhow::ensure!(window_ms > 0, "--window must be positive");

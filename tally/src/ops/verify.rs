@@ -30,6 +30,8 @@ pub struct VerifyArgs {
         default_value = "sqlite://data/tally.sqlite"
     )]
     pub store: String,
+    #[command(flatten)]
+    pub scylla: crate::scylla_args::ScyllaArgs,
     /// Compare windows starting at or after this (RFC 3339 or epoch ms).
     #[arg(long)]
     pub from: Option<String>,
@@ -82,9 +84,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         args.topic,
         started.elapsed()
     );
-    let store = tally_sink::open_store(&args.store, &Default::default())
-        .await
-        .with_context(|| format!("opening {}", args.store))?;
+    let store = args.scylla.open(&args.store).await?;
     let stored = store.scan_rows(from_ms, to_ms).await?;
     let in_range = |row: &WindowRow| row.window_start_ms >= from_ms && row.window_start_ms < to_ms;
     let expected: Vec<WindowRow> = recomputed.into_iter().filter(in_range).collect();
