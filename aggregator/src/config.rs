@@ -62,6 +62,13 @@ pub struct AggregatorConfig {
     /// Deadline for the final flush and commit on shutdown.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    #[command(flatten)]
+    pub scylla: ScyllaArgs,
+}
+
+/// ScyllaDB settings, shared by every command that opens a store.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ScyllaArgs {
     /// ScyllaDB keyspace replication used when the keyspace is created.
     #[arg(
         long,
@@ -72,9 +79,27 @@ pub struct AggregatorConfig {
     /// ScyllaDB consistency level for reads and writes.
     #[arg(long, env = "TALLY_SCYLLA_CONSISTENCY", default_value = "LOCAL_QUORUM")]
     pub scylla_consistency: String,
-    /// Most ScyllaDB statements in flight per flush.
+    /// Most ScyllaDB statements in flight per store call.
     #[arg(long, env = "TALLY_SCYLLA_CONCURRENCY", default_value_t = 256)]
     pub scylla_concurrency: usize,
+}
+
+impl ScyllaArgs {
+    pub fn options(&self) -> tally_sink::store::ScyllaOptions {
+        tally_sink::store::ScyllaOptions {
+            replication: self.scylla_replication.clone(),
+            consistency: self.scylla_consistency.clone(),
+            max_concurrency: self.scylla_concurrency.max(1),
+        }
+    }
+
+    /// Opens the store at `url` (`sqlite://` ignores these settings).
+    pub async fn open(
+        &self,
+        url: &str,
+    ) -> Result<std::sync::Arc<dyn tally_sink::WindowStore>, AggregatorError> {
+        Ok(tally_sink::open_store(url, &self.options()).await?)
+    }
 }
 
 fn millis(duration: Duration, name: &str) -> Result<i64, AggregatorError> {
@@ -104,10 +129,6 @@ impl AggregatorConfig {
     }
 
     pub fn scylla_options(&self) -> tally_sink::store::ScyllaOptions {
-        tally_sink::store::ScyllaOptions {
-            replication: self.scylla_replication.clone(),
-            consistency: self.scylla_consistency.clone(),
-            max_concurrency: self.scylla_concurrency.max(1),
-        }
+        self.scylla.options()
     }
 }

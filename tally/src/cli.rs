@@ -49,7 +49,7 @@ pub struct IngestArgs {
     #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
     pub window: std::time::Duration,
     #[command(flatten)]
-    pub scylla: crate::scylla_args::ScyllaArgs,
+    pub scylla: tally_aggregator::config::ScyllaArgs,
 }
 
 #[derive(clap::Args, Debug)]

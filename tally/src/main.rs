@@ -12,7 +12,6 @@ mod dev;
 mod metrics_http;
 mod ops;
 mod read_api;
-mod scylla_args;
 mod shutdown;
 mod telemetry;
 
@@ -45,7 +44,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let registry = prometheus::Registry::new();
             let read_handler = match &args.store {
                 Some(url) => {
-                    let store = args.scylla.open(url).await?;
+                    let store = args
+                        .scylla
+                        .open(url)
+                        .await
+                        .with_context(|| format!("opening {url}"))?;
                     let window_ms =
                         i64::try_from(args.window.as_millis()).context("--window too large")?;
                     Some(read_api::handler(store, window_ms))

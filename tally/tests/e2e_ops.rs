@@ -7,63 +7,15 @@ mod support;
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::Output;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
 use uuid::Uuid;
 
 const WINDOW_MS: i64 = 2000;
-
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn produce(bootstrap: &str, records: &[(Vec<u8>, Vec<u8>, i64)]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .create()
-        .unwrap();
-    block_on(async {
-        for (key, value, timestamp) in records {
-            producer
-                .send(
-                    FutureRecord::to(TOPIC)
-                        .key(key)
-                        .payload(value)
-                        .timestamp(*timestamp),
-                    Duration::from_secs(10),
-                )
-                .await
-                .map_err(|(e, _)| e)
-                .unwrap();
-        }
-    });
-}
-
-fn increment(key: Uuid, value: i64, timestamp: i64) -> (Vec<u8>, Vec<u8>, i64) {
-    (
-        key.to_string().into_bytes(),
-        format!(r#"{{"key":"{key}","value":{value}}}"#).into_bytes(),
-        timestamp,
-    )
-}
 
 fn run_tally(args: &[&str]) -> Output {
     let output = tally().args(args).output().unwrap();
@@ -137,11 +89,11 @@ fn query_prints_windows_and_verify_catches_a_tampered_row() {
     let _aggregator = start_aggregator(&kafka, "ops-query", &store, &log);
     let keys = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
     let (records, base) = history(&keys);
-    produce(
-        &kafka.bootstrap,
+    produce_all(
+        &producer(&kafka.bootstrap),
         &records
             .iter()
-            .map(|(k, v, t)| increment(*k, *v, *t))
+            .map(|(k, v, t)| increment_record(*k, *v, *t))
             .collect::<Vec<_>>(),
     );
     let expected = per_window(&records);
@@ -227,11 +179,11 @@ fn replay_from_time_rebuilds_later_windows_with_a_new_generation() {
         Uuid::from_u128(12),
     ];
     let (records, base) = history(&keys);
-    produce(
-        &kafka.bootstrap,
+    produce_all(
+        &producer(&kafka.bootstrap),
         &records
             .iter()
-            .map(|(k, v, t)| increment(*k, *v, *t))
+            .map(|(k, v, t)| increment_record(*k, *v, *t))
             .collect::<Vec<_>>(),
     );
     let expected = per_window(&records);
@@ -322,8 +274,8 @@ fn dlq_list_filters_by_reason_and_redrive_happens_once() {
     let _aggregator = start_aggregator(&kafka, "ops-dlq", &store, &dir.path().join("a.log"));
     let key = Uuid::from_u128(77);
     let now = now_ms();
-    produce(
-        &kafka.bootstrap,
+    produce_all(
+        &producer(&kafka.bootstrap),
         &[
             (b"k1".to_vec(), b"{oops".to_vec(), now),
             (

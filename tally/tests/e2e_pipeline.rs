@@ -5,65 +5,13 @@
 mod support;
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
 use uuid::Uuid;
-
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-        .block_on(future)
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-fn producer(bootstrap: &str) -> FutureProducer {
-    ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("partitioner", "murmur2_random")
-        .set("linger.ms", "5")
-        .create()
-        .unwrap()
-}
-
-/// Produces raw records directly (as a non-HTTP producer would) and waits for acks.
-fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, Vec<u8>, i64)]) {
-    block_on(async {
-        let mut pending = Vec::with_capacity(records.len());
-        for (key, value, timestamp) in records {
-            let record = FutureRecord::to(TOPIC)
-                .key(key)
-                .payload(value)
-                .timestamp(*timestamp);
-            pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
-        }
-        for delivery in pending {
-            delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
-        }
-    });
-}
-
-fn increment_record(key: Uuid, value: i64, timestamp: i64) -> (Vec<u8>, Vec<u8>, i64) {
-    (
-        key.hyphenated().to_string().into_bytes(),
-        format!(r#"{{"key":"{key}","value":{value}}}"#).into_bytes(),
-        timestamp,
-    )
-}
 
 fn wait_for_totals(
     store: &std::path::Path,

@@ -11,6 +11,49 @@ use anyhow::Context;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
+/// Where the records are: Kafka bootstrap servers and the input topic.
+#[derive(clap::Args, Debug)]
+pub struct TopicArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+    /// Input topic.
+    #[arg(long, env = "TALLY_TOPIC", default_value = tally_schemas::names::INCREMENTS_TOPIC)]
+    pub topic: String,
+}
+
+/// Where the window rows are, and the window size the aggregators use.
+#[derive(clap::Args, Debug)]
+pub struct StoreArgs {
+    /// Window store: sqlite://PATH or scylla://host:port[,host:port]/keyspace.
+    #[arg(
+        long,
+        env = "TALLY_STORE",
+        default_value = "sqlite://data/tally.sqlite"
+    )]
+    pub store: String,
+    /// Window size the aggregators use (ScyllaDB reads enumerate window starts).
+    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
+    pub window: Duration,
+    #[command(flatten)]
+    pub scylla: tally_aggregator::config::ScyllaArgs,
+}
+
+impl StoreArgs {
+    pub fn window_ms(&self) -> anyhow::Result<i64> {
+        let window_ms = i64::try_from(self.window.as_millis()).context("--window too large")?;
+        anyhow::ensure!(window_ms > 0, "--window must be positive");
+        Ok(window_ms)
+    }
+
+    pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn tally_sink::WindowStore>> {
+        self.scylla
+            .open(&self.store)
+            .await
+            .with_context(|| format!("opening {}", self.store))
+    }
+}
+
 /// Kafka operations here are one-shot admin calls; this bounds each of them.
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 

@@ -31,42 +31,33 @@ use crate::read_api::{parse_time_ms, rfc3339_ms};
 #[derive(clap::Args, Debug)]
 #[command(group(clap::ArgGroup::new("start").required(true).args(["from", "from_offset"])))]
 pub struct ReplayArgs {
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub kafka: super::TopicArgs,
     #[arg(long, env = "TALLY_GROUP", default_value = "tally-aggregator")]
     pub group: String,
-    #[arg(long, env = "TALLY_TOPIC", default_value = tally_schemas::names::INCREMENTS_TOPIC)]
-    pub topic: String,
-    /// Window store the aggregators write (its checkpoint rows are updated too).
-    #[arg(
-        long,
-        env = "TALLY_STORE",
-        default_value = "sqlite://data/tally.sqlite"
-    )]
-    pub store: String,
+    /// The aggregators' store (its checkpoint rows are updated too).
     #[command(flatten)]
-    pub scylla: crate::scylla_args::ScyllaArgs,
+    pub store: super::StoreArgs,
     /// Rebuild windows from this time on (RFC 3339, e.g. 2026-11-21T10:00:00Z).
     #[arg(long)]
     pub from: Option<String>,
     /// Rebuild from these offsets, `PARTITION:OFFSET[,PARTITION:OFFSET…]`.
     #[arg(long, value_delimiter = ',')]
     pub from_offset: Vec<String>,
-    /// Window size the aggregators use.
-    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
-    pub window: std::time::Duration,
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
-    let store = args.scylla.open(&args.store).await?;
+    let store = args.store.open().await?;
     if let Some(from) = &args.from {
-        let window_ms = i64::try_from(args.window.as_millis()).context("--window too large")?;
-        anyhow::ensure!(window_ms > 0, "--window must be positive");
+        let window_ms = args.store.window_ms()?;
         let at = parse_time_ms(from).map_err(anyhow::Error::msg)?;
         let window_start = at.div_euclid(window_ms) * window_ms;
         let plan = {
-            let (brokers, group, topic) =
-                (args.brokers.clone(), args.group.clone(), args.topic.clone());
+            let (brokers, group, topic) = (
+                args.kafka.brokers.clone(),
+                args.group.clone(),
+                args.kafka.topic.clone(),
+            );
             tokio::task::spawn_blocking(move || {
                 plan_from_time(&brokers, &group, &topic, window_start)
             })
@@ -77,7 +68,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         for (partition, current) in plan {
             let scope = CheckpointScope {
                 group: args.group.clone(),
-                topic: args.topic.clone(),
+                topic: args.kafka.topic.clone(),
                 partition,
             };
             // The generation must exceed every earlier one of this partition.
@@ -99,8 +90,11 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             );
             checkpoints.push((partition, checkpoint));
         }
-        let (brokers, group, topic) =
-            (args.brokers.clone(), args.group.clone(), args.topic.clone());
+        let (brokers, group, topic) = (
+            args.kafka.brokers.clone(),
+            args.group.clone(),
+            args.kafka.topic.clone(),
+        );
         tokio::task::spawn_blocking(move || commit(&brokers, &group, &topic, &checkpoints, true))
             .await
             .context("commit task")??;
@@ -120,8 +114,11 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             checkpoints.push((partition, Checkpoint::fresh(offset)));
             println!("partition {partition}: from offset {offset} (external-reset rules)");
         }
-        let (brokers, group, topic) =
-            (args.brokers.clone(), args.group.clone(), args.topic.clone());
+        let (brokers, group, topic) = (
+            args.kafka.brokers.clone(),
+            args.group.clone(),
+            args.kafka.topic.clone(),
+        );
         tokio::task::spawn_blocking(move || commit(&brokers, &group, &topic, &checkpoints, false))
             .await
             .context("commit task")??;

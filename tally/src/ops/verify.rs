@@ -19,27 +19,16 @@ use crate::read_api::{now_ms, parse_time_ms, rfc3339_ms};
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyArgs {
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
-    pub brokers: String,
-    #[arg(long, env = "TALLY_TOPIC", default_value = tally_schemas::names::INCREMENTS_TOPIC)]
-    pub topic: String,
-    /// Window store: sqlite://PATH or scylla://host:port[,host:port]/keyspace.
-    #[arg(
-        long,
-        env = "TALLY_STORE",
-        default_value = "sqlite://data/tally.sqlite"
-    )]
-    pub store: String,
     #[command(flatten)]
-    pub scylla: crate::scylla_args::ScyllaArgs,
+    pub kafka: super::TopicArgs,
+    #[command(flatten)]
+    pub store: super::StoreArgs,
     /// Compare windows starting at or after this (RFC 3339 or epoch ms).
     #[arg(long)]
     pub from: Option<String>,
     /// Compare windows starting before this (RFC 3339 or epoch ms).
     #[arg(long)]
     pub to: Option<String>,
-    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
-    pub window: std::time::Duration,
     #[arg(long, env = "TALLY_GRACE", default_value = "2s", value_parser = tally_aggregator::config::parse_duration)]
     pub grace: std::time::Duration,
     #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = tally_aggregator::config::parse_duration)]
@@ -53,11 +42,10 @@ fn ms(duration: std::time::Duration) -> anyhow::Result<i64> {
 /// Returns true when the store matches the recomputation.
 pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     let config = EngineConfig {
-        window_ms: ms(args.window)?,
+        window_ms: args.store.window_ms()?,
         grace_ms: ms(args.grace)?,
         max_future_skew_ms: ms(args.max_future_skew)?,
     };
-    anyhow::ensure!(config.window_ms > 0, "--window must be positive");
     let from_ms = args
         .from
         .as_deref()
@@ -72,8 +60,8 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         .map_err(anyhow::Error::msg)?;
     let (from_ms, to_ms) = (from_ms.unwrap_or(i64::MIN), to_ms.unwrap_or(i64::MAX));
 
-    let brokers = args.brokers.clone();
-    let topic = args.topic.clone();
+    let brokers = args.kafka.brokers.clone();
+    let topic = args.kafka.topic.clone();
     let started = Instant::now();
     let recomputed = tokio::task::spawn_blocking(move || recompute(&brokers, &topic, config))
         .await
@@ -81,10 +69,10 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     eprintln!(
         "verify: recomputed {} rows from {} in {:.1?}",
         recomputed.len(),
-        args.topic,
+        args.kafka.topic,
         started.elapsed()
     );
-    let store = args.scylla.open(&args.store).await?;
+    let store = args.store.open().await?;
     let stored = store.scan_rows(from_ms, to_ms).await?;
     let in_range = |row: &WindowRow| row.window_start_ms >= from_ms && row.window_start_ms < to_ms;
     let expected: Vec<WindowRow> = recomputed.into_iter().filter(in_range).collect();

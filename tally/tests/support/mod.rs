@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::DefaultProducerContext;
+use rdkafka::producer::{DefaultProducerContext, FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tally_sink::{WindowRow, WindowStore};
 use uuid::Uuid;
@@ -260,4 +260,55 @@ pub fn data_file(dir: &Path, name: &str) -> PathBuf {
 
 pub fn buffered(child: &mut Child) -> BufReader<std::process::ChildStdout> {
     BufReader::new(child.stdout.take().unwrap())
+}
+
+pub fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(future)
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+pub fn producer(bootstrap: &str) -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// Produces raw records directly (as a non-HTTP producer would) and waits for acks.
+pub fn produce_all(producer: &FutureProducer, records: &[(Vec<u8>, Vec<u8>, i64)]) {
+    block_on(async {
+        let mut pending = Vec::with_capacity(records.len());
+        for (key, value, timestamp) in records {
+            let record = FutureRecord::to(TOPIC)
+                .key(key)
+                .payload(value)
+                .timestamp(*timestamp);
+            pending.push(producer.send_result(record).map_err(|(e, _)| e).unwrap());
+        }
+        for delivery in pending {
+            delivery.await.unwrap().map_err(|(e, _)| e).unwrap();
+        }
+    });
+}
+
+pub fn increment_record(key: Uuid, value: i64, timestamp: i64) -> (Vec<u8>, Vec<u8>, i64) {
+    (
+        key.hyphenated().to_string().into_bytes(),
+        format!(r#"{{"key":"{key}","value":{value}}}"#).into_bytes(),
+        timestamp,
+    )
 }
