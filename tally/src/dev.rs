@@ -45,6 +45,7 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let db_path = args.data_dir.join("tally.sqlite");
+    set_aside_previous_store(&db_path)?;
     let store_url = format!("sqlite://{}", db_path.display());
     let window = humantime::format_duration(args.window).to_string();
 
@@ -119,6 +120,31 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     let aggregator_result = aggregator.await.context("aggregator task")?;
     ingest_result?;
     aggregator_result?;
+    Ok(())
+}
+
+/// The in-process Kafka log is new on every start, so rows of an earlier run belong
+/// to a log that no longer exists (and their offsets would outrank the new log's in
+/// the version guard). Keep them, but out of the way: `tally-previous.sqlite`.
+fn set_aside_previous_store(db_path: &std::path::Path) -> anyhow::Result<()> {
+    if !db_path.exists() {
+        return Ok(());
+    }
+    let previous = db_path.with_file_name("tally-previous.sqlite");
+    for suffix in ["", "-wal", "-shm"] {
+        let from = std::path::PathBuf::from(format!("{}{suffix}", db_path.display()));
+        let to = std::path::PathBuf::from(format!("{}{suffix}", previous.display()));
+        if from.exists() {
+            std::fs::rename(&from, &to)
+                .with_context(|| format!("moving {} to {}", from.display(), to.display()))?;
+        } else if to.exists() {
+            std::fs::remove_file(&to).with_context(|| format!("removing {}", to.display()))?;
+        }
+    }
+    eprintln!(
+        "tally dev: the in-process Kafka log starts empty, so the store does too; the previous run's rows are in {}",
+        previous.display()
+    );
     Ok(())
 }
 
