@@ -1,0 +1,185 @@
+//! The accept loop and the shutdown sequence.
+//!
+//! - Connection cap: a semaphore permit is taken before `accept`, so at the cap new
+//!   connections wait in the kernel's listen backlog instead of costing memory here.
+//! - Header-read timeout: hyper closes a connection that does not deliver complete
+//!   request headers in time (slowloris); the request timeout covers the body.
+//! - Shutdown: when the shutdown future resolves the listener is closed, every
+//!   connection finishes its in-flight request and closes (hyper-util graceful
+//!   shutdown), up to `--shutdown-timeout`; then the producer is flushed within
+//!   what is left of that deadline. Connections still open at the deadline are cut.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body_util::Full;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use crate::auth::TokenAuthenticator;
+use crate::config::IngestConfig;
+use crate::error::IngestError;
+use crate::handlers::{self, AppState, WarningGate};
+use crate::metrics::{GaugeGuard, IngestMetrics};
+use crate::producer::RecordProducer;
+use crate::rate_limit::RateLimiter;
+
+/// The read side plugged in by the `tally` binary: answers `GET /v1/windows/...`.
+/// It receives the request head (method, URI, headers) after auth and rate limiting.
+pub type ReadHandler =
+    Arc<dyn Fn(http::Request<()>) -> BoxFuture<'static, http::Response<Full<Bytes>>> + Send + Sync>;
+
+/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Serves the ingest edge on `listener` until `shutdown` resolves, then drains and
+/// flushes. Metrics are registered into `registry`, which `/metrics` exports.
+pub async fn run(
+    config: IngestConfig,
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), IngestError> {
+    run_with(config, listener, registry, shutdown, None).await
+}
+
+/// Like [`run`], with an optional handler for `GET /v1/windows/...` (404 when `None`).
+pub async fn run_with(
+    config: IngestConfig,
+    listener: TcpListener,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    read_handler: Option<ReadHandler>,
+) -> Result<(), IngestError> {
+    config.validate()?;
+    let auth = TokenAuthenticator::new(config.load_auth_tokens()?);
+    let rate_limiter = RateLimiter::new(
+        config.rate_limit,
+        config.rate_burst,
+        config.rate_limit_max_clients,
+    );
+    let metrics = IngestMetrics::register(&registry)?;
+    let producer = RecordProducer::new(&config, metrics.clone())?;
+    tracing::info!(
+        address = %listener.local_addr().map_or_else(|_| "unknown".to_owned(), |address| address.to_string()),
+        brokers = %config.brokers,
+        topic = %config.topic,
+        auth = auth.is_enabled(),
+        rate_limit = config.rate_limit,
+        "ingest edge serving"
+    );
+    let state = Arc::new(AppState {
+        max_body_bytes: config.max_body_bytes,
+        max_batch_items: config.max_batch_items,
+        request_timeout: config.request_timeout,
+        auth,
+        rate_limiter,
+        producer,
+        metrics,
+        registry,
+        read_handler,
+        infra_warnings: WarningGate::default(),
+    });
+    serve(state, listener, &config, shutdown).await
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    config: &IngestConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), IngestError> {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .keep_alive(true);
+    let connection_permits = Arc::new(Semaphore::new(config.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+
+    loop {
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = Arc::clone(&connection_permits).acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break,
+            },
+        };
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        // Reap finished connection tasks so the set holds only live ones (≤ the cap).
+        while connections.try_join_next().is_some() {}
+
+        // Answers are written in one go; do not let Nagle hold the last segment back.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "could not set TCP_NODELAY");
+        }
+        let connection_state = Arc::clone(&state);
+        let service = service_fn(move |request| {
+            let state = Arc::clone(&connection_state);
+            async move { Ok::<_, Infallible>(handlers::handle(state, peer, request).await) }
+        });
+        let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+        let open_connection = GaugeGuard::increment(state.metrics.open_connections());
+        connections.spawn(async move {
+            // Both released when the connection ends, however it ends.
+            let _permit = permit;
+            let _open_connection = open_connection;
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with an error");
+            }
+        });
+    }
+
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout;
+    tracing::info!(
+        open_connections = connections.len(),
+        "shutting down: no new connections, finishing in-flight requests"
+    );
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            open_connections = connections.len(),
+            "shutdown deadline reached; closing the remaining connections"
+        );
+    }
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
+
+    let flush_time = deadline.saturating_duration_since(tokio::time::Instant::now());
+    match state.producer.flush(flush_time).await {
+        Ok(()) => tracing::info!("producer flushed; ingest edge stopped"),
+        // Only records whose requests got no 202 can be left: a 202 waits for the ack.
+        Err(error) => tracing::warn!(
+            %error,
+            unflushed_records = state.producer.in_flight_records(),
+            "producer flush did not complete before the shutdown deadline"
+        ),
+    }
+    Ok(())
+}
