@@ -312,20 +312,6 @@ impl ConsumerContext for AggregatorContext {
             Rebalance::Error(err) => error!(%err, "rebalance error"),
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => self.shared.metrics.commits.with_label_values(&["ok"]).inc(),
-            Err(err) => {
-                warn!(%err, "offset commit failed");
-                self.shared
-                    .metrics
-                    .commits
-                    .with_label_values(&["error"])
-                    .inc();
-            }
-        }
-    }
 }
 
 impl AggregatorContext {
@@ -375,13 +361,21 @@ impl AggregatorContext {
             Some(Ok(Ok(()))) => {
                 let list = commit_list(&self.shared.topic, &[(partition, checkpoint)]);
                 match list.and_then(|list| consumer.commit(&list, CommitMode::Sync)) {
-                    Ok(()) => info!(
-                        partition,
-                        offset = checkpoint.next_offset,
-                        "revoked and committed"
-                    ),
+                    Ok(()) => {
+                        self.shared.metrics.commits.with_label_values(&["ok"]).inc();
+                        info!(
+                            partition,
+                            offset = checkpoint.next_offset,
+                            "revoked and committed"
+                        );
+                    }
                     Err(err) => {
-                        warn!(partition, %err, "commit on revoke failed; the next owner replays")
+                        self.shared
+                            .metrics
+                            .commits
+                            .with_label_values(&["error"])
+                            .inc();
+                        warn!(partition, %err, "commit on revoke failed; the next owner replays");
                     }
                 }
             }
@@ -542,6 +536,10 @@ pub async fn run_with_store(
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", "5000")
+        // librdkafka stops prefetching for this long once its queue is full; the
+        // default (1 s) leaves the loop idle after every flush pause (measured:
+        // 0.81 → 0.97 of a raw consumer's rate on tansu).
+        .set("fetch.queue.backoff.ms", "10")
         .create_with_context(AggregatorContext {
             shared: shared.clone(),
         })?;
@@ -800,7 +798,7 @@ impl Loop {
                     info!("store is back: circuit closed, resuming partitions");
                     self.set_paused(false);
                 }
-                self.commit(&pending.checkpoints, CommitMode::Async);
+                self.commit(&pending.checkpoints);
             }
             Err(err) => {
                 self.shared.metrics.store_errors.inc();
@@ -825,7 +823,7 @@ impl Loop {
             .set(self.breaker.state() as i64);
     }
 
-    fn commit(&self, checkpoints: &[(i32, u64, Checkpoint)], mode: CommitMode) {
+    fn commit(&self, checkpoints: &[(i32, u64, Checkpoint)]) {
         let committable: Vec<(i32, Checkpoint)> = checkpoints
             .iter()
             .filter(|(partition, assignment, checkpoint)| {
@@ -836,10 +834,19 @@ impl Loop {
         if committable.is_empty() {
             return;
         }
-        let result = commit_list(&self.shared.topic, &committable)
-            .and_then(|list| self.consumer.commit(&list, mode));
+        // Synchronous, so the result is known (and counted) here; it costs one round
+        // trip per flush interval, off the per-record path.
+        let result = commit_list(&self.shared.topic, &committable).and_then(|list| {
+            match self.shared.runtime.runtime_flavor() {
+                tokio::runtime::RuntimeFlavor::CurrentThread => {
+                    self.consumer.commit(&list, CommitMode::Sync)
+                }
+                _ => tokio::task::block_in_place(|| self.consumer.commit(&list, CommitMode::Sync)),
+            }
+        });
         match result {
             Ok(()) => {
+                self.shared.metrics.commits.with_label_values(&["ok"]).inc();
                 let mut partitions = self.shared.partitions();
                 for (partition, checkpoint) in committable {
                     if let Some(state) = partitions.get_mut(&partition) {
@@ -953,7 +960,7 @@ impl Loop {
                     }
                 }
             }
-            self.commit(&std::mem::take(&mut pending.checkpoints), CommitMode::Sync);
+            self.commit(&std::mem::take(&mut pending.checkpoints));
         };
         match tokio::time::timeout(deadline, work).await {
             Ok(()) => info!("aggregator stopped cleanly"),

@@ -272,6 +272,10 @@ fn store_outage_loses_nothing_and_commits_nothing_meanwhile() {
     );
     let scrape = get(&metrics_address, "/metrics").unwrap().1;
     assert_eq!(metric(&scrape, "tally_aggregator_circuit_state"), Some(0.0));
+    assert!(
+        metric(&scrape, "tally_aggregator_commits_total{result=\"ok\"}").unwrap_or(0.0) >= 1.0,
+        "successful commits are counted"
+    );
 }
 
 #[test]
