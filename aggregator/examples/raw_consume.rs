@@ -36,21 +36,9 @@ impl ClientContext for Quiet {
 
 impl ConsumerContext for Quiet {}
 
-/// The consumer settings of `tally aggregator` (keep in sync with
-/// `aggregator/src/consumer.rs`; fetch sizes and queue limits are librdkafka's
-/// defaults there, hence here too).
+/// The consumer settings of `tally aggregator`, from the library itself.
 fn config(brokers: &str, group: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", brokers)
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("partition.assignment.strategy", "cooperative-sticky")
-        .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000")
-        .set("statistics.interval.ms", "5000");
+    let mut config = tally_aggregator::consumer::consumer_config(brokers, group);
     // Extra settings for experiments, e.g. RAW_CONSUME_EXTRA="fetch.max.bytes=1048576".
     if let Ok(extra) = std::env::var("RAW_CONSUME_EXTRA") {
         for pair in extra.split_whitespace() {
