@@ -89,6 +89,9 @@ struct Shared {
     /// partition must then be handed over uncommitted, because its earlier rows may
     /// exist only in that unwritten flush.
     unwritten_flush: AtomicBool,
+    /// Held by the task writing a flush; a revoke takes it to wait for that write
+    /// before deciding whether the partition may be committed.
+    write_gate: Arc<tokio::sync::Mutex<()>>,
     /// Set when the aggregator cannot go on safely (see `Shared::fail`).
     fatal: Mutex<Option<String>>,
     runtime: tokio::runtime::Handle,
@@ -320,10 +323,18 @@ impl AggregatorContext {
         let Some(mut state) = self.shared.partitions().remove(&partition) else {
             return;
         };
-        if self.shared.unwritten_flush.load(Ordering::Relaxed) {
+        // A flush may be being written right now (in the background): wait for it, so
+        // the decision below sees whether those rows became durable.
+        let gate = self.shared.write_gate.clone();
+        let timeout = self.shared.revoke_timeout;
+        let write_settled = self
+            .shared
+            .block_on(async move { tokio::time::timeout(timeout, gate.lock_owned()).await })
+            .is_some_and(|locked| locked.is_ok());
+        if !write_settled || self.shared.unwritten_flush.load(Ordering::Relaxed) {
             info!(
                 partition,
-                "revoked while the store is failing: handing over uncommitted"
+                "revoked while a flush is not durable: handing over uncommitted"
             );
             return;
         }
@@ -471,6 +482,13 @@ struct OwnedDeadLetter {
 type DeadLetterFuture =
     Pin<Box<dyn Future<Output = (OwnedDeadLetter, Result<(), SinkError>)> + Send>>;
 
+/// What a background flush write reports back to the loop.
+struct WriteOutcome {
+    pending: PendingFlush,
+    result: Result<(), SinkError>,
+    elapsed: Duration,
+}
+
 /// Rows and checkpoints of one flush, kept until they are durable.
 struct PendingFlush {
     rows: Vec<WindowRow>,
@@ -485,6 +503,8 @@ struct Loop {
     in_flight: FuturesUnordered<DeadLetterFuture>,
     retry_letters: VecDeque<OwnedDeadLetter>,
     pending: Option<PendingFlush>,
+    /// The flush being written in the background (at most one at a time).
+    writing: Option<tokio::task::JoinHandle<WriteOutcome>>,
     breaker: CircuitBreaker,
     backoff: backon::ExponentialBackoff,
     backoff_builder: backon::ExponentialBuilder,
@@ -544,6 +564,7 @@ pub async fn run_with_store(
         next_assignment: AtomicU64::new(1),
         paused: AtomicBool::new(false),
         unwritten_flush: AtomicBool::new(false),
+        write_gate: Arc::new(tokio::sync::Mutex::new(())),
         fatal: Mutex::new(None),
         runtime: tokio::runtime::Handle::current(),
     });
@@ -569,6 +590,7 @@ pub async fn run_with_store(
         in_flight: FuturesUnordered::new(),
         retry_letters: VecDeque::new(),
         pending: None,
+        writing: None,
         breaker: CircuitBreaker::new(config.breaker_threshold, config.breaker_probe_interval),
         backoff: backoff_builder.build(),
         backoff_builder,
@@ -579,6 +601,9 @@ pub async fn run_with_store(
     event_loop.run(config.flush_interval, shutdown).await;
     if let Some(reason) = event_loop.shared.fatal() {
         // Stop without writing or committing: a restart replays from the last commit.
+        if let Some(writing) = event_loop.writing.take() {
+            writing.abort();
+        }
         event_loop.consumer.unsubscribe();
         return Err(AggregatorError::Fatal(reason));
     }
@@ -592,24 +617,44 @@ impl Loop {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(shutdown);
         let consumer = self.consumer.clone();
+        // Flushes are written in the background so the loop keeps reading meanwhile.
+        let mut writing = self.writing.take();
         loop {
             if self.shared.fatal().is_some() {
-                return;
+                break;
             }
             let reading = self.in_flight.len() < MAX_DEAD_LETTERS_IN_FLIGHT;
+            let is_writing = writing.is_some();
+            let write_done = async {
+                match writing.as_mut() {
+                    Some(handle) => handle.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
                 () = &mut shutdown => break,
                 Some((letter, result)) = self.in_flight.next(), if !self.in_flight.is_empty() => {
                     self.on_dead_letter_done(letter, result);
                 }
-                _ = tick.tick() => self.flush_cycle().await,
+                outcome = write_done, if is_writing => {
+                    writing = None;
+                    self.finish_write(outcome);
+                }
+                _ = tick.tick() => {
+                    if writing.is_none() {
+                        writing = self.flush_cycle();
+                    } else {
+                        self.update_gauges();
+                    }
+                }
                 message = consumer.recv(), if reading => match message {
                     Ok(message) => self.on_message(&message),
                     Err(err) => warn!(%err, "consumer error"),
                 },
             }
         }
+        self.writing = writing;
     }
 
     fn on_message(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) {
@@ -733,8 +778,9 @@ impl Loop {
         }
     }
 
-    /// One tick: retry dead letters, then write either the pending flush or a new one.
-    async fn flush_cycle(&mut self) {
+    /// One tick: retry dead letters, then start writing either the pending flush
+    /// or a new one.
+    fn flush_cycle(&mut self) -> Option<tokio::task::JoinHandle<WriteOutcome>> {
         let retries: Vec<_> = self.retry_letters.drain(..).collect();
         for letter in retries {
             self.send_dead_letter(letter);
@@ -745,10 +791,10 @@ impl Loop {
         }
         if let Some(at) = self.next_retry_at {
             if Instant::now() < at {
-                return;
+                return None;
             }
         }
-        self.write_pending().await;
+        self.start_write()
     }
 
     fn take_flush(&mut self) -> PendingFlush {
@@ -764,29 +810,67 @@ impl Loop {
         PendingFlush { rows, checkpoints }
     }
 
-    /// Writes the pending flush through the circuit breaker; commits on success.
-    async fn write_pending(&mut self) {
-        let Some(pending) = self.pending.take() else {
-            return;
-        };
-        let now = Instant::now();
-        if !self.breaker.try_acquire(now) {
+    /// Starts writing the pending flush through the circuit breaker, in a task of
+    /// its own; [`Loop::finish_write`] commits once it is durable.
+    fn start_write(&mut self) -> Option<tokio::task::JoinHandle<WriteOutcome>> {
+        let pending = self.pending.take()?;
+        if !self.breaker.try_acquire(Instant::now()) {
             self.pending = Some(pending);
-            return;
+            return None;
         }
+        // Only revokes take the gate, and they run inside this loop's `recv`, so it
+        // is free here; if not, try again next tick.
+        let Ok(gate) = self.shared.write_gate.clone().try_lock_owned() else {
+            self.pending = Some(pending);
+            return None;
+        };
         let probing = self.breaker.state() == CircuitState::HalfOpen;
         self.shared
             .metrics
             .circuit_state
             .set(self.breaker.state() as i64);
-        let started = Instant::now();
-        let result = self.shared.write_durably(&pending, probing).await;
+        // Until this write succeeds its rows are not durable: a revoke meanwhile must
+        // not commit (it waits on the gate, then reads this flag).
+        self.shared.unwritten_flush.store(true, Ordering::Relaxed);
+        let shared = Arc::clone(&self.shared);
+        Some(tokio::spawn(async move {
+            let started = Instant::now();
+            let result = shared.write_durably(&pending, probing).await;
+            if result.is_ok() {
+                shared.unwritten_flush.store(false, Ordering::Relaxed);
+            }
+            drop(gate);
+            WriteOutcome {
+                pending,
+                result,
+                elapsed: started.elapsed(),
+            }
+        }))
+    }
+
+    /// Handles a finished background write: commit on success, schedule a retry
+    /// (and maybe open the circuit) on failure.
+    fn finish_write(&mut self, outcome: Result<WriteOutcome, tokio::task::JoinError>) {
+        let WriteOutcome {
+            pending,
+            result,
+            elapsed,
+        } = match outcome {
+            Ok(outcome) => outcome,
+            Err(err) => {
+                // The rows of that flush are gone from memory and their windows are
+                // no longer dirty: no later checkpoint may be committed.
+                self.shared
+                    .fail(format!("the flush writer task failed: {err}"));
+                return;
+            }
+        };
         match result {
             Ok(()) => {
                 self.shared
                     .metrics
                     .flush_duration
-                    .observe(started.elapsed().as_secs_f64());
+                    .observe(elapsed.as_secs_f64());
                 let finals = pending.rows.iter().filter(|row| row.is_final).count();
                 let metrics = &self.shared.metrics;
                 metrics
@@ -799,7 +883,6 @@ impl Loop {
                     .inc_by((pending.rows.len() - finals) as u64);
                 let was_open = self.breaker.state() != CircuitState::Closed;
                 self.breaker.on_success();
-                self.shared.unwritten_flush.store(false, Ordering::Relaxed);
                 self.backoff = self.backoff_builder.build();
                 self.next_retry_at = None;
                 if was_open {
@@ -821,7 +904,6 @@ impl Loop {
                     warn!("circuit open: pausing partitions until a probe write succeeds");
                     self.set_paused(true);
                 }
-                self.shared.unwritten_flush.store(true, Ordering::Relaxed);
                 self.pending = Some(pending);
             }
         }
@@ -940,6 +1022,10 @@ impl Loop {
     /// Stop reading, wait for dead letters, write the last flush, commit synchronously.
     async fn shut_down(&mut self, deadline: Duration) {
         let work = async {
+            if let Some(writing) = self.writing.take() {
+                let outcome = writing.await;
+                self.finish_write(outcome);
+            }
             while let Some((letter, result)) = self.in_flight.next().await {
                 self.on_dead_letter_done(letter, result);
             }
