@@ -102,7 +102,7 @@ impl Shared {
         &self,
         pending: &PendingFlush,
         probe_first: bool,
-    ) -> Result<(), SinkError> {
+    ) -> Result<Vec<(i32, u64, Checkpoint)>, SinkError> {
         let store = &self.store;
         let timed = |what: &'static str| {
             move |_| {
@@ -119,6 +119,9 @@ impl Shared {
                 .await
                 .map_err(timed("row write"))??;
         }
+        // Only checkpoints whose store row was written may be committed to Kafka
+        // (brokers that drop commit metadata rely on that row).
+        let mut saved = Vec::with_capacity(pending.checkpoints.len());
         for (partition, assignment, checkpoint) in &pending.checkpoints {
             if !self.may_commit(*partition, *assignment, checkpoint) {
                 continue;
@@ -130,8 +133,9 @@ impl Shared {
             )
             .await
             .map_err(timed("checkpoint write"))??;
+            saved.push((*partition, *assignment, *checkpoint));
         }
-        Ok(())
+        Ok(saved)
     }
 
     /// A checkpoint may be committed only by the ownership that produced it, only
@@ -485,7 +489,8 @@ type DeadLetterFuture =
 /// What a background flush write reports back to the loop.
 struct WriteOutcome {
     pending: PendingFlush,
-    result: Result<(), SinkError>,
+    /// On success, the checkpoints whose store rows were written (to commit).
+    result: Result<Vec<(i32, u64, Checkpoint)>, SinkError>,
     elapsed: Duration,
 }
 
@@ -866,7 +871,7 @@ impl Loop {
             }
         };
         match result {
-            Ok(()) => {
+            Ok(saved) => {
                 self.shared
                     .metrics
                     .flush_duration
@@ -889,7 +894,7 @@ impl Loop {
                     info!("store is back: circuit closed, resuming partitions");
                     self.set_paused(false);
                 }
-                self.commit(&pending.checkpoints);
+                self.commit(&saved);
             }
             Err(err) => {
                 self.shared.metrics.store_errors.inc();
@@ -1037,7 +1042,7 @@ impl Loop {
                 self.on_dead_letter_done(letter, result);
             }
             let fresh = self.take_flush();
-            let mut pending = match self.pending.take() {
+            let pending = match self.pending.take() {
                 Some(mut older) => {
                     older.rows.extend(fresh.rows);
                     older.checkpoints = fresh.checkpoints;
@@ -1045,16 +1050,16 @@ impl Loop {
                 }
                 None => fresh,
             };
-            loop {
+            let saved = loop {
                 match self.shared.write_durably(&pending, false).await {
-                    Ok(()) => break,
+                    Ok(saved) => break saved,
                     Err(err) => {
                         warn!(%err, "final store write failed; retrying until the shutdown deadline");
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
                 }
-            }
-            self.commit(&std::mem::take(&mut pending.checkpoints));
+            };
+            self.commit(&saved);
         };
         match tokio::time::timeout(deadline, work).await {
             Ok(()) => info!("aggregator stopped cleanly"),
