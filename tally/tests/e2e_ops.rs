@@ -352,3 +352,93 @@ fn dlq_list_filters_by_reason_and_redrive_happens_once() {
     assert_eq!(seen, 4);
     assert_eq!(redriven, vec![format!("0:{}", invalid_value[0]["offset"])]);
 }
+
+/// Brokers such as tansu drop offset-commit metadata. The aggregator then finds its
+/// replay state in the store's checkpoint row for the committed offset and resumes
+/// exactly (same generation), instead of treating the offset as an external reset.
+#[test]
+fn restart_without_commit_metadata_resumes_from_the_store_checkpoint() {
+    let partitions = 2;
+    let kafka = Kafka::start(partitions);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tally.sqlite");
+    let group = "ops-no-metadata";
+    let keys = [
+        Uuid::from_u128(20),
+        Uuid::from_u128(21),
+        Uuid::from_u128(22),
+    ];
+    let (mut records, base) = history(&keys);
+    produce_all(
+        &producer(&kafka.bootstrap),
+        &records
+            .iter()
+            .map(|(k, v, t)| increment_record(*k, *v, *t))
+            .collect::<Vec<_>>(),
+    );
+    let mut first = start_aggregator(&kafka, group, &store, &dir.path().join("first.log"));
+    let expected = per_window(&records);
+    wait_for(Duration::from_secs(60), "the first run's windows", || {
+        stored_per_window(&store) == expected
+    });
+    assert!(first.terminate(Duration::from_secs(30)).success());
+
+    // Re-commit the same offsets without metadata, as such a broker would keep them.
+    let committed = kafka.committed(group, partitions);
+    assert_eq!(committed.len(), partitions as usize, "{committed:?}");
+    let offsets = committed
+        .iter()
+        .map(|(partition, offset)| format!("{partition}:{offset}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let store_url = format!("sqlite://{}", store.display());
+    let output = run_tally(&[
+        "replay",
+        "--brokers",
+        &kafka.bootstrap,
+        "--group",
+        group,
+        "--store",
+        &store_url,
+        "--from-offset",
+        &offsets,
+        "--window",
+        "2s",
+    ]);
+    assert!(output.status.success());
+
+    // More increments, then a second run from the metadata-less commit.
+    let later: Vec<(Uuid, i64, i64)> = (0..60)
+        .map(|i| (keys[i % keys.len()], 2, base + 20_000 + i as i64 * 100))
+        .collect();
+    produce_all(
+        &producer(&kafka.bootstrap),
+        &later
+            .iter()
+            .map(|(k, v, t)| increment_record(*k, *v, *t))
+            .collect::<Vec<_>>(),
+    );
+    records.extend(later);
+    let second_log = dir.path().join("second.log");
+    let _second = start_aggregator(&kafka, group, &store, &second_log);
+    let expected = per_window(&records);
+    wait_for(Duration::from_secs(60), "the second run's windows", || {
+        stored_per_window(&store) == expected
+    });
+    let log = read_log(&second_log);
+    for (partition, offset) in &committed {
+        let resumed = format!(
+            "partition={partition} resume=Checkpoint(Checkpoint {{ next_offset: {offset}, "
+        );
+        assert!(
+            log.contains(&resumed),
+            "partition {partition} did not resume from the store checkpoint:\n{log}"
+        );
+    }
+    assert!(!log.contains("external reset"), "{log}");
+    let rows = block_on(store_rows(&store));
+    assert!(
+        rows.iter().all(|row| row.generation == 0),
+        "an exact resume keeps the generation"
+    );
+}
