@@ -38,7 +38,7 @@ impl ConsumerContext for Quiet {}
 
 /// The consumer settings of `tally aggregator`, from the library itself.
 fn config(brokers: &str, group: &str) -> ClientConfig {
-    let mut config = tally_aggregator::consumer::consumer_config(brokers, group);
+    let mut config = tally_aggregator::consumer::consumer_config(brokers, group, &[]);
     // Extra settings for experiments, e.g. RAW_CONSUME_EXTRA="fetch.max.bytes=1048576".
     if let Ok(extra) = std::env::var("RAW_CONSUME_EXTRA") {
         for pair in extra.split_whitespace() {

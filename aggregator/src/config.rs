@@ -64,7 +64,34 @@ pub struct AggregatorConfig {
     pub shutdown_timeout: Duration,
     #[command(flatten)]
     pub scylla: ScyllaArgs,
+    /// Extra librdkafka settings for the consumer and the dead-letter producer as
+    /// `key=value` (e.g. `security.protocol=SSL`); repeat the flag or separate with
+    /// commas. Settings the exactly-once bookkeeping relies on cannot be overridden.
+    #[arg(
+        long = "kafka-option",
+        env = "TALLY_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<tally_schemas::KafkaOption>,
 }
+
+/// librdkafka settings the aggregator's guarantees rest on (manual commits after the
+/// flush, one group protocol, idempotent acks=all dead letters).
+const PROTECTED_KAFKA_OPTIONS: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "group.id",
+    "enable.auto.commit",
+    "auto.commit.enable",
+    "enable.auto.offset.store",
+    "partition.assignment.strategy",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+];
 
 /// ScyllaDB settings, shared by every command that opens a store.
 #[derive(clap::Args, Debug, Clone)]
@@ -128,7 +155,76 @@ impl AggregatorConfig {
         })
     }
 
+    /// Refuses `--kafka-option`s that would break commits-after-flush or the
+    /// dead-letter guarantee.
+    pub fn validate_kafka_options(&self) -> Result<(), AggregatorError> {
+        match tally_schemas::KafkaOption::first_protected(
+            &self.kafka_options,
+            PROTECTED_KAFKA_OPTIONS,
+        ) {
+            Some(option) => Err(AggregatorError::Config(format!(
+                "--kafka-option may not set {:?}: the aggregator's guarantees depend on it",
+                option.key
+            ))),
+            None => Ok(()),
+        }
+    }
+
     pub fn scylla_options(&self) -> tally_sink::store::ScyllaOptions {
         self.scylla.options()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: AggregatorConfig,
+    }
+
+    fn parse(args: &[&str]) -> AggregatorConfig {
+        Cli::try_parse_from(std::iter::once("tally").chain(args.iter().copied()))
+            .unwrap()
+            .config
+    }
+
+    #[test]
+    fn kafka_options_pass_unless_they_touch_the_guarantees() {
+        let config = parse(&[
+            "--kafka-option",
+            "security.protocol=SSL,fetch.max.bytes=1048576",
+        ]);
+        assert_eq!(config.kafka_options.len(), 2);
+        assert!(config.validate_kafka_options().is_ok());
+        for key in [
+            "enable.auto.commit",
+            "group.id",
+            "acks",
+            "partition.assignment.strategy",
+        ] {
+            let config = parse(&["--kafka-option", &format!("{key}=x")]);
+            let err = config.validate_kafka_options().unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
+    }
+
+    #[test]
+    fn durations_parse_like_the_docs_say() {
+        let config = parse(&[
+            "--window",
+            "500ms",
+            "--grace",
+            "0s",
+            "--flush-interval",
+            "2s",
+        ]);
+        let engine = config.engine_config().unwrap();
+        assert_eq!((engine.window_ms, engine.grace_ms), (500, 0));
+        assert!(parse(&["--flush-interval", "0s"]).engine_config().is_err());
     }
 }

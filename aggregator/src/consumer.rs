@@ -519,8 +519,16 @@ struct Loop {
 
 /// The consumer settings of `tally aggregator` (also used by the raw-consumer
 /// baseline of the benchmark, so both read with the same settings).
-pub fn consumer_config(brokers: &str, group: &str) -> ClientConfig {
+pub fn consumer_config(
+    brokers: &str,
+    group: &str,
+    extra: &[tally_schemas::KafkaOption],
+) -> ClientConfig {
     let mut config = ClientConfig::new();
+    // Operator extras first, so the settings below always win.
+    for option in extra {
+        config.set(option.key.as_str(), option.value.as_str());
+    }
     config
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
@@ -556,6 +564,7 @@ pub async fn run_with_store(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), AggregatorError> {
     let engine_config = config.engine_config()?;
+    config.validate_kafka_options()?;
     let metrics = AggregatorMetrics::new(&registry)?;
     let shared = Arc::new(Shared {
         topic: config.topic.clone(),
@@ -574,14 +583,16 @@ pub async fn run_with_store(
         runtime: tokio::runtime::Handle::current(),
     });
     let consumer: StreamConsumer<AggregatorContext> =
-        consumer_config(&config.brokers, &config.group).create_with_context(AggregatorContext {
-            shared: shared.clone(),
-        })?;
+        consumer_config(&config.brokers, &config.group, &config.kafka_options)
+            .create_with_context(AggregatorContext {
+                shared: shared.clone(),
+            })?;
     consumer.subscribe(&[&config.topic])?;
-    let dead_letters = DeadLetterProducer::new(
+    let dead_letters = DeadLetterProducer::with_options(
         &config.brokers,
         &config.dlq_topic,
         config.dlq_delivery_timeout,
+        &config.kafka_options,
     )?;
     let backoff_builder = backon::ExponentialBuilder::default()
         .with_jitter()

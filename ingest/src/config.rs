@@ -239,13 +239,13 @@ impl IngestConfig {
         if self.linger > Duration::from_secs(1) {
             return invalid("--linger above 1s would delay every 202 by that much".into());
         }
-        for option in &self.kafka_options {
-            if PROTECTED_KAFKA_OPTIONS.contains(&option.key.as_str()) {
-                return invalid(format!(
-                    "--kafka-option may not set {:?}: ingest's delivery guarantee depends on it",
-                    option.key
-                ));
-            }
+        if let Some(option) =
+            KafkaOption::first_protected(&self.kafka_options, PROTECTED_KAFKA_OPTIONS)
+        {
+            return invalid(format!(
+                "--kafka-option may not set {:?}: ingest's delivery guarantee depends on it",
+                option.key
+            ));
         }
         Ok(())
     }
@@ -308,34 +308,8 @@ impl FromStr for AuthToken {
     }
 }
 
-/// One `key=value` librdkafka setting. `Debug` shows only the key: values may be secrets.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KafkaOption {
-    pub key: String,
-    pub value: String,
-}
-
-impl fmt::Debug for KafkaOption {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}=<redacted>", self.key)
-    }
-}
-
-impl FromStr for KafkaOption {
-    type Err = String;
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        match text.split_once('=') {
-            Some((key, value)) if !key.trim().is_empty() => Ok(KafkaOption {
-                key: key.trim().to_owned(),
-                value: value.trim().to_owned(),
-            }),
-            _ => Err(format!(
-                "expected key=value, found {:?}",
-                text.split('=').next().unwrap_or_default()
-            )),
-        }
-    }
-}
+/// Extra librdkafka settings (`--kafka-option`), shared with the aggregator.
+pub use tally_schemas::KafkaOption;
 
 #[cfg(test)]
 mod tests {

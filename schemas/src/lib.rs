@@ -7,12 +7,15 @@
 //!   status family and to a stable dead-letter `dlq.reason` code.
 //! - [`names`]: topic names, Kafka header names and the dead-letter header names.
 //! - [`checkpoint`]: the per-partition replay state that travels with an offset commit.
+//! - [`kafka_option`]: `--kafka-option key=value` extra librdkafka settings (values
+//!   redacted in `Debug`).
 //!
 //! `increment.schema.json` (beside this crate's `Cargo.toml`) is the JSON Schema for
 //! producers that write to Kafka directly.
 
 pub mod checkpoint;
 pub mod increment;
+pub mod kafka_option;
 pub mod names;
 pub mod reason;
 
@@ -21,4 +24,5 @@ pub use increment::{
     decode_batch, decode_increment, BatchFormat, BatchRejection, Increment, InvalidIncrement,
     ItemRejection,
 };
+pub use kafka_option::KafkaOption;
 pub use reason::RejectReason;

@@ -58,6 +58,17 @@ impl DeadLetterProducer {
     /// [`send`](Self::send) may take (librdkafka's `message.timeout.ms`, retries
     /// included); it must be at least 1 ms, since 0 would mean "forever".
     pub fn new(brokers: &str, topic: &str, delivery_timeout: Duration) -> Result<Self, SinkError> {
+        Self::with_options(brokers, topic, delivery_timeout, &[])
+    }
+
+    /// Like [`new`](Self::new), with extra librdkafka settings (TLS, SASL, …) applied
+    /// first, so the settings the delivery guarantee rests on always win.
+    pub fn with_options(
+        brokers: &str,
+        topic: &str,
+        delivery_timeout: Duration,
+        extra: &[tally_schemas::KafkaOption],
+    ) -> Result<Self, SinkError> {
         let timeout_ms = delivery_timeout.as_millis();
         if timeout_ms == 0 || timeout_ms > i32::MAX as u128 {
             return Err(SinkError::Config(format!(
@@ -70,7 +81,11 @@ impl DeadLetterProducer {
                 "dead-letter topic must not be empty".into(),
             ));
         }
-        let producer: FutureProducer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        for option in extra {
+            config.set(option.key.as_str(), option.value.as_str());
+        }
+        let producer: FutureProducer = config
             .set("bootstrap.servers", brokers)
             .set("client.id", "tally-dlq")
             // Exactly once per send and no reordering on retries; acks=all so an
