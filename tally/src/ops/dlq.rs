@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -22,7 +21,7 @@ use tally_schemas::names::{DLQ_REASON_HEADER, REDRIVEN_HEADER};
 use tally_schemas::RejectReason;
 use uuid::Uuid;
 
-use super::{admin_consumer, partitions, KAFKA_TIMEOUT};
+use super::{admin_consumer, partitions, Brokers, KAFKA_TIMEOUT};
 
 #[derive(clap::Args, Debug)]
 pub struct DlqArgs {
@@ -44,6 +43,15 @@ pub struct DlqCommon {
     pub brokers: String,
     #[arg(long, env = "TALLY_DLQ_TOPIC", default_value = tally_schemas::names::DLQ_TOPIC)]
     pub dlq_topic: String,
+    /// Extra librdkafka settings as `key=value` (e.g. `security.protocol=SSL`); repeat
+    /// the flag or separate with commas.
+    #[arg(
+        long = "kafka-option",
+        env = "TALLY_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<tally_schemas::KafkaOption>,
     /// Only letters with this `dlq.reason` (e.g. late, invalid_json).
     #[arg(long, value_parser = parse_reason)]
     pub reason: Option<RejectReason>,
@@ -68,6 +76,15 @@ pub struct RedriveArgs {
     /// again (off by default, so a bad record cannot loop).
     #[arg(long)]
     pub include_redriven: bool,
+}
+
+impl DlqCommon {
+    fn brokers(&self) -> Brokers {
+        Brokers {
+            servers: self.brokers.clone(),
+            options: self.kafka_options.clone(),
+        }
+    }
 }
 
 fn parse_reason(text: &str) -> Result<RejectReason, String> {
@@ -182,7 +199,10 @@ fn scan(
 }
 
 fn list(args: &DlqCommon) -> anyhow::Result<()> {
-    let consumer = admin_consumer(&args.brokers, &format!("tally-dlq-list-{}", Uuid::new_v4()))?;
+    let consumer = admin_consumer(
+        &args.brokers(),
+        &format!("tally-dlq-list-{}", Uuid::new_v4()),
+    )?;
     let mut shown = 0usize;
     scan(
         &consumer,
@@ -208,7 +228,7 @@ struct Chosen {
 }
 
 async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
-    let brokers = args.common.brokers.clone();
+    let brokers = args.common.brokers();
     let group = args.redrive_group.clone();
     let dlq_topic = args.common.dlq_topic.clone();
     let reason = args.common.reason;
@@ -253,8 +273,10 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
         eprintln!("dry run: {} letter(s) would be re-driven", chosen.len());
         return Ok(());
     }
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &args.common.brokers)
+    let producer: FutureProducer = args
+        .common
+        .brokers()
+        .config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
@@ -283,7 +305,7 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             .with_context(|| format!("re-driving {}", letter.source))?;
         println!("re-driven {}", letter.source);
     }
-    let brokers = args.common.brokers.clone();
+    let brokers = args.common.brokers();
     let group = args.redrive_group.clone();
     let dlq_topic = args.common.dlq_topic.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

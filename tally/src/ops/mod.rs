@@ -20,6 +20,43 @@ pub struct TopicArgs {
     /// Input topic.
     #[arg(long, env = "TALLY_TOPIC", default_value = tally_schemas::names::INCREMENTS_TOPIC)]
     pub topic: String,
+    /// Extra librdkafka settings as `key=value` (e.g. `security.protocol=SSL`); repeat
+    /// the flag or separate with commas.
+    #[arg(
+        long = "kafka-option",
+        env = "TALLY_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub kafka_options: Vec<tally_schemas::KafkaOption>,
+}
+
+impl TopicArgs {
+    pub fn brokers(&self) -> Brokers {
+        Brokers {
+            servers: self.brokers.clone(),
+            options: self.kafka_options.clone(),
+        }
+    }
+}
+
+/// How to reach Kafka: bootstrap servers plus the operator's extra settings.
+#[derive(Debug, Clone)]
+pub struct Brokers {
+    pub servers: String,
+    pub options: Vec<tally_schemas::KafkaOption>,
+}
+
+impl Brokers {
+    /// A client configuration with the extras applied first, then the servers.
+    pub fn config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for option in &self.options {
+            config.set(option.key.as_str(), option.value.as_str());
+        }
+        config.set("bootstrap.servers", &self.servers);
+        config
+    }
 }
 
 /// Where the window rows are, and the window size the aggregators use.
@@ -58,15 +95,15 @@ impl StoreArgs {
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A consumer that never joins a group or commits on its own (admin reads/commits).
-pub fn admin_consumer(brokers: &str, group: &str) -> anyhow::Result<BaseConsumer> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+pub fn admin_consumer(brokers: &Brokers, group: &str) -> anyhow::Result<BaseConsumer> {
+    brokers
+        .config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .create()
-        .with_context(|| format!("creating a Kafka consumer for {brokers}"))
+        .with_context(|| format!("creating a Kafka consumer for {}", brokers.servers))
 }
 
 /// The partition ids of `topic`.

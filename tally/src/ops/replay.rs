@@ -25,7 +25,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tally_schemas::Checkpoint;
 use tally_sink::store::CheckpointScope;
 
-use super::{admin_consumer, partitions, KAFKA_TIMEOUT};
+use super::{admin_consumer, partitions, Brokers, KAFKA_TIMEOUT};
 use crate::read_api::{parse_time_ms, rfc3339_ms};
 
 #[derive(clap::Args, Debug)]
@@ -54,7 +54,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         let window_start = at.div_euclid(window_ms) * window_ms;
         let plan = {
             let (brokers, group, topic) = (
-                args.kafka.brokers.clone(),
+                args.kafka.brokers(),
                 args.group.clone(),
                 args.kafka.topic.clone(),
             );
@@ -91,7 +91,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             checkpoints.push((partition, checkpoint));
         }
         let (brokers, group, topic) = (
-            args.kafka.brokers.clone(),
+            args.kafka.brokers(),
             args.group.clone(),
             args.kafka.topic.clone(),
         );
@@ -115,7 +115,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             println!("partition {partition}: from offset {offset} (external-reset rules)");
         }
         let (brokers, group, topic) = (
-            args.kafka.brokers.clone(),
+            args.kafka.brokers(),
             args.group.clone(),
             args.kafka.topic.clone(),
         );
@@ -133,7 +133,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
 /// For each partition: the state a replay from `window_start` resumes with (before
 /// the generation bump).
 fn plan_from_time(
-    brokers: &str,
+    brokers: &Brokers,
     group: &str,
     topic: &str,
     window_start: i64,
@@ -202,7 +202,12 @@ fn plan_from_time(
 
 /// The first offset of `partition` whose timestamp is at or after `time_ms`, or the
 /// partition's end if there is none, found by reading the partition from its start.
-fn scan_for_time(brokers: &str, topic: &str, partition: i32, time_ms: i64) -> anyhow::Result<i64> {
+fn scan_for_time(
+    brokers: &Brokers,
+    topic: &str,
+    partition: i32,
+    time_ms: i64,
+) -> anyhow::Result<i64> {
     use rdkafka::message::Message;
     let consumer = admin_consumer(
         brokers,
@@ -240,7 +245,7 @@ fn scan_for_time(brokers: &str, topic: &str, partition: i32, time_ms: i64) -> an
 }
 
 fn commit(
-    brokers: &str,
+    brokers: &Brokers,
     group: &str,
     topic: &str,
     checkpoints: &[(i32, Checkpoint)],
@@ -259,8 +264,8 @@ fn commit(
     // brokers that refuse commits from outside an existing group (librdkafka's mock
     // cluster), and proves that no aggregator of the group is running (one would
     // own some partitions).
-    let consumer: rdkafka::consumer::BaseConsumer = rdkafka::config::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: rdkafka::consumer::BaseConsumer = brokers
+        .config()
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")

@@ -14,7 +14,7 @@ use tally_schemas::{decode_increment, Checkpoint};
 use tally_sink::{WindowRow, WindowTotal};
 use uuid::Uuid;
 
-use super::{admin_consumer, partitions, KAFKA_TIMEOUT};
+use super::{admin_consumer, partitions, Brokers, KAFKA_TIMEOUT};
 use crate::read_api::{now_ms, parse_time_ms, rfc3339_ms};
 
 #[derive(clap::Args, Debug)]
@@ -60,7 +60,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         .map_err(anyhow::Error::msg)?;
     let (from_ms, to_ms) = (from_ms.unwrap_or(i64::MIN), to_ms.unwrap_or(i64::MAX));
 
-    let brokers = args.kafka.brokers.clone();
+    let brokers = args.kafka.brokers();
     let topic = args.kafka.topic.clone();
     let started = Instant::now();
     let recomputed = tokio::task::spawn_blocking(move || recompute(&brokers, &topic, config))
@@ -93,7 +93,11 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
 
 /// Reads every partition from the beginning to its current end through fresh
 /// engines (the same decisions as a live run from offset 0) and returns all rows.
-fn recompute(brokers: &str, topic: &str, config: EngineConfig) -> anyhow::Result<Vec<WindowRow>> {
+fn recompute(
+    brokers: &Brokers,
+    topic: &str,
+    config: EngineConfig,
+) -> anyhow::Result<Vec<WindowRow>> {
     let consumer = admin_consumer(brokers, &format!("tally-verify-{}", Uuid::new_v4()))?;
     let ids = partitions(&consumer, topic)?;
     let mut ends: HashMap<i32, i64> = HashMap::new();
