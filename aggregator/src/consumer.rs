@@ -674,70 +674,67 @@ impl Loop {
     }
 
     fn on_message(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) {
+        if let Some(letter) = self.judge(message) {
+            self.send_dead_letter(letter);
+        }
+    }
+
+    /// Decodes one record and feeds it to its partition's engine; returns the dead
+    /// letter to send if it cannot be counted. The per-record path: one uncontended
+    /// lock, no allocation unless the record is rejected.
+    fn judge(&self, message: &rdkafka::message::BorrowedMessage<'_>) -> Option<OwnedDeadLetter> {
         let partition = message.partition();
         let offset = message.offset();
         let timestamp_ms = message.timestamp().to_millis();
-        let now = now_ms();
-        let shared = self.shared.clone();
-        let mut partitions = shared.partitions();
+        let outcomes = &self.shared.metrics.outcomes;
+        let mut partitions = self.shared.partitions();
         let Some(state) = partitions.get_mut(&partition) else {
             warn!(
                 partition,
                 offset, "record for a partition without state; skipped"
             );
-            return;
+            return None;
         };
         if offset < state.engine.next_offset() {
-            return; // Already processed in this ownership (a refetch after a seek).
+            return None; // Already processed in this ownership (a refetch after a seek).
         }
-        let rejected = match message.payload().map(decode_increment) {
+        let (reason, error) = match message.payload().map(decode_increment) {
             Some(Ok(increment)) => {
                 let outcome = state.engine.record(
                     offset,
                     increment.key,
                     timestamp_ms.unwrap_or(-1),
                     increment.value,
-                    now,
+                    now_ms(),
                 );
                 match outcome {
                     RecordOutcome::Counted => {
-                        shared.metrics.records.with_label_values(&["counted"]).inc();
-                        None
+                        outcomes.counted.inc();
+                        return None;
                     }
                     RecordOutcome::AlreadyFinal => {
-                        shared
-                            .metrics
-                            .records
-                            .with_label_values(&["already_final"])
-                            .inc();
-                        None
+                        outcomes.already_final.inc();
+                        return None;
                     }
                     RecordOutcome::Rejected(reason) => {
-                        shared
-                            .metrics
-                            .records
-                            .with_label_values(&[reason.code()])
-                            .inc();
-                        Some((reason, engine_rejection_text(reason, timestamp_ms)))
+                        outcomes.rejected(reason).inc();
+                        (reason, engine_rejection_text(reason, timestamp_ms))
                     }
                 }
             }
             Some(Err(invalid)) => {
                 state.engine.skip(offset);
-                shared.metrics.outcomes.poison.inc();
-                Some((invalid.reason, invalid.detail))
+                outcomes.poison.inc();
+                (invalid.reason, invalid.detail)
             }
             None => {
                 state.engine.skip(offset);
-                shared.metrics.outcomes.poison.inc();
-                Some((RejectReason::InvalidJson, "record has no value".to_owned()))
+                outcomes.poison.inc();
+                (RejectReason::InvalidJson, "record has no value".to_owned())
             }
         };
-        let Some((reason, error)) = rejected else {
-            return;
-        };
         state.unacked_dead_letters.insert(offset);
-        let letter = OwnedDeadLetter {
+        Some(OwnedDeadLetter {
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
             reason,
@@ -747,9 +744,7 @@ impl Loop {
             timestamp_ms,
             redriven_from: redriven_from(message),
             assignment: state.assignment,
-        };
-        drop(partitions);
-        self.send_dead_letter(letter);
+        })
     }
 
     fn send_dead_letter(&mut self, letter: OwnedDeadLetter) {

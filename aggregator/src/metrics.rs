@@ -169,10 +169,8 @@ impl AggregatorMetrics {
         registry.register(Box::new(watermark_lag.clone()))?;
         registry.register(Box::new(freshness.clone()))?;
         registry.register(Box::new(assigned_partitions.clone()))?;
-        // Pre-create the fixed label values so dashboards see zeros, not gaps.
-        for outcome in OUTCOMES {
-            records.with_label_values(&[outcome]);
-        }
+        // Pre-create the fixed label values so dashboards see zeros, not gaps (the
+        // outcome series are created by `OutcomeCounters::new`).
         for kind in ["provisional", "final"] {
             rows_written.with_label_values(&[kind]);
         }
@@ -201,14 +199,3 @@ impl AggregatorMetrics {
         })
     }
 }
-
-/// The `outcome` label values of `tally_aggregator_records_total`.
-pub const OUTCOMES: [&str; 7] = [
-    "counted",
-    "already_final",
-    "poison",
-    "late",
-    "future_timestamp",
-    "sum_overflow",
-    "invalid_timestamp",
-];

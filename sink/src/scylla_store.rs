@@ -618,15 +618,7 @@ where
 }
 
 fn validate_keyspace(keyspace: &str) -> Result<(), SinkError> {
-    let valid = !keyspace.is_empty()
-        && keyspace.len() <= 48
-        && keyspace
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && keyspace
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic());
+    let valid = crate::store::is_valid_keyspace(keyspace);
     if valid {
         Ok(())
     } else {

@@ -130,15 +130,7 @@ impl std::str::FromStr for StoreUrl {
                 .filter(|h| !h.is_empty())
                 .map(str::to_owned)
                 .collect();
-            let keyspace_ok = !keyspace.is_empty()
-                && keyspace.len() <= 48
-                && keyspace
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
-                && keyspace
-                    .chars()
-                    .next()
-                    .is_some_and(|c| c.is_ascii_alphabetic());
+            let keyspace_ok = is_valid_keyspace(keyspace);
             if nodes.is_empty() || !keyspace_ok {
                 return Err(SinkError::Config(format!(
                     "{url}: expected scylla://host:port[,host:port]/keyspace with a keyspace of letters, digits and _"
@@ -153,6 +145,19 @@ impl std::str::FromStr for StoreUrl {
             "{url}: unknown store; use sqlite://PATH or scylla://host:port/keyspace"
         )))
     }
+}
+
+/// A keyspace name we are willing to put into CQL text: a letter, then letters,
+/// digits or `_`, at most 48 characters (ScyllaDB's own limit).
+pub(crate) fn is_valid_keyspace(keyspace: &str) -> bool {
+    keyspace.len() <= 48
+        && keyspace
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic())
+        && keyspace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
 /// Settings that only the ScyllaDB backend uses.
