@@ -28,6 +28,15 @@ fn run_tally(args: &[&str]) -> Output {
     output
 }
 
+/// Produces valid increments `(key, value, event time)` directly, as a Kafka client would.
+fn produce_increments(kafka: &Kafka, records: &[(Uuid, i64, i64)]) {
+    let records: Vec<_> = records
+        .iter()
+        .map(|(key, value, timestamp)| increment_record(*key, *value, *timestamp))
+        .collect();
+    produce_all(&producer(&kafka.bootstrap), &records);
+}
+
 /// Per (key, window_start): (sum, count) of `records` (all valid and timely).
 fn per_window(records: &[(Uuid, i64, i64)]) -> HashMap<(Uuid, i64), (i64, i64)> {
     let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
@@ -89,13 +98,7 @@ fn query_prints_windows_and_verify_catches_a_tampered_row() {
     let _aggregator = start_aggregator(&kafka, "ops-query", &store, &log);
     let keys = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
     let (records, base) = history(&keys);
-    produce_all(
-        &producer(&kafka.bootstrap),
-        &records
-            .iter()
-            .map(|(k, v, t)| increment_record(*k, *v, *t))
-            .collect::<Vec<_>>(),
-    );
+    produce_increments(&kafka, &records);
     let expected = per_window(&records);
     wait_for(
         Duration::from_secs(60),
@@ -179,13 +182,7 @@ fn replay_from_time_rebuilds_later_windows_with_a_new_generation() {
         Uuid::from_u128(12),
     ];
     let (records, base) = history(&keys);
-    produce_all(
-        &producer(&kafka.bootstrap),
-        &records
-            .iter()
-            .map(|(k, v, t)| increment_record(*k, *v, *t))
-            .collect::<Vec<_>>(),
-    );
+    produce_increments(&kafka, &records);
     let expected = per_window(&records);
     let mut aggregator = start_aggregator(&kafka, group, &store, &dir.path().join("a1.log"));
     wait_for(
@@ -369,13 +366,7 @@ fn restart_without_commit_metadata_resumes_from_the_store_checkpoint() {
         Uuid::from_u128(22),
     ];
     let (mut records, base) = history(&keys);
-    produce_all(
-        &producer(&kafka.bootstrap),
-        &records
-            .iter()
-            .map(|(k, v, t)| increment_record(*k, *v, *t))
-            .collect::<Vec<_>>(),
-    );
+    produce_increments(&kafka, &records);
     let mut first = start_aggregator(&kafka, group, &store, &dir.path().join("first.log"));
     let expected = per_window(&records);
     wait_for(Duration::from_secs(60), "the first run's windows", || {
@@ -411,13 +402,7 @@ fn restart_without_commit_metadata_resumes_from_the_store_checkpoint() {
     let later: Vec<(Uuid, i64, i64)> = (0..60)
         .map(|i| (keys[i % keys.len()], 2, base + 20_000 + i as i64 * 100))
         .collect();
-    produce_all(
-        &producer(&kafka.bootstrap),
-        &later
-            .iter()
-            .map(|(k, v, t)| increment_record(*k, *v, *t))
-            .collect::<Vec<_>>(),
-    );
+    produce_increments(&kafka, &later);
     records.extend(later);
     let second_log = dir.path().join("second.log");
     let _second = start_aggregator(&kafka, group, &store, &second_log);

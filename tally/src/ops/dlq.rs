@@ -39,19 +39,10 @@ pub enum DlqAction {
 
 #[derive(clap::Args, Debug)]
 pub struct DlqCommon {
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub brokers: Brokers,
     #[arg(long, env = "TALLY_DLQ_TOPIC", default_value = tally_schemas::names::DLQ_TOPIC)]
     pub dlq_topic: String,
-    /// Extra librdkafka settings as `key=value` (e.g. `security.protocol=SSL`); repeat
-    /// the flag or separate with commas.
-    #[arg(
-        long = "kafka-option",
-        env = "TALLY_KAFKA_OPTIONS",
-        value_delimiter = ',',
-        hide_env_values = true
-    )]
-    pub kafka_options: Vec<tally_schemas::KafkaOption>,
     /// Only letters with this `dlq.reason` (e.g. late, invalid_json).
     #[arg(long, value_parser = parse_reason)]
     pub reason: Option<RejectReason>,
@@ -76,15 +67,6 @@ pub struct RedriveArgs {
     /// again (off by default, so a bad record cannot loop).
     #[arg(long)]
     pub include_redriven: bool,
-}
-
-impl DlqCommon {
-    fn brokers(&self) -> Brokers {
-        Brokers {
-            servers: self.brokers.clone(),
-            options: self.kafka_options.clone(),
-        }
-    }
 }
 
 fn parse_reason(text: &str) -> Result<RejectReason, String> {
@@ -199,10 +181,7 @@ fn scan(
 }
 
 fn list(args: &DlqCommon) -> anyhow::Result<()> {
-    let consumer = admin_consumer(
-        &args.brokers(),
-        &format!("tally-dlq-list-{}", Uuid::new_v4()),
-    )?;
+    let consumer = admin_consumer(&args.brokers, &format!("tally-dlq-list-{}", Uuid::new_v4()))?;
     let mut shown = 0usize;
     scan(
         &consumer,
@@ -228,7 +207,7 @@ struct Chosen {
 }
 
 async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
-    let brokers = args.common.brokers();
+    let brokers = args.common.brokers.clone();
     let group = args.redrive_group.clone();
     let dlq_topic = args.common.dlq_topic.clone();
     let reason = args.common.reason;
@@ -275,7 +254,7 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
     }
     let producer: FutureProducer = args
         .common
-        .brokers()
+        .brokers
         .config()
         .set("enable.idempotence", "true")
         .set("acks", "all")
@@ -305,7 +284,7 @@ async fn redrive(args: RedriveArgs) -> anyhow::Result<()> {
             .with_context(|| format!("re-driving {}", letter.source))?;
         println!("re-driven {}", letter.source);
     }
-    let brokers = args.common.brokers();
+    let brokers = args.common.brokers.clone();
     let group = args.redrive_group.clone();
     let dlq_topic = args.common.dlq_topic.clone();
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {

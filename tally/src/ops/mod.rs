@@ -11,15 +11,26 @@ use anyhow::Context;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 
-/// Where the records are: Kafka bootstrap servers and the input topic.
+/// Where the records are: how to reach Kafka, and the input topic.
 #[derive(clap::Args, Debug)]
 pub struct TopicArgs {
-    /// Kafka bootstrap servers.
-    #[arg(long, env = "KAFKA_BROKERS", default_value = "localhost:9092")]
-    pub brokers: String,
+    #[command(flatten)]
+    pub brokers: Brokers,
     /// Input topic.
     #[arg(long, env = "TALLY_TOPIC", default_value = tally_schemas::names::INCREMENTS_TOPIC)]
     pub topic: String,
+}
+
+/// How to reach Kafka: bootstrap servers plus the operator's extra settings.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Brokers {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long = "brokers",
+        env = "KAFKA_BROKERS",
+        default_value = "localhost:9092"
+    )]
+    pub servers: String,
     /// Extra librdkafka settings as `key=value` (e.g. `security.protocol=SSL`); repeat
     /// the flag or separate with commas.
     #[arg(
@@ -28,22 +39,6 @@ pub struct TopicArgs {
         value_delimiter = ',',
         hide_env_values = true
     )]
-    pub kafka_options: Vec<tally_schemas::KafkaOption>,
-}
-
-impl TopicArgs {
-    pub fn brokers(&self) -> Brokers {
-        Brokers {
-            servers: self.brokers.clone(),
-            options: self.kafka_options.clone(),
-        }
-    }
-}
-
-/// How to reach Kafka: bootstrap servers plus the operator's extra settings.
-#[derive(Debug, Clone)]
-pub struct Brokers {
-    pub servers: String,
     pub options: Vec<tally_schemas::KafkaOption>,
 }
 

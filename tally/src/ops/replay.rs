@@ -54,7 +54,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
         let window_start = at.div_euclid(window_ms) * window_ms;
         let plan = {
             let (brokers, group, topic) = (
-                args.kafka.brokers(),
+                args.kafka.brokers.clone(),
                 args.group.clone(),
                 args.kafka.topic.clone(),
             );
@@ -91,7 +91,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             checkpoints.push((partition, checkpoint));
         }
         let (brokers, group, topic) = (
-            args.kafka.brokers(),
+            args.kafka.brokers.clone(),
             args.group.clone(),
             args.kafka.topic.clone(),
         );
@@ -115,7 +115,7 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
             println!("partition {partition}: from offset {offset} (external-reset rules)");
         }
         let (brokers, group, topic) = (
-            args.kafka.brokers(),
+            args.kafka.brokers.clone(),
             args.group.clone(),
             args.kafka.topic.clone(),
         );

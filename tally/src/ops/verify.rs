@@ -60,7 +60,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
         .map_err(anyhow::Error::msg)?;
     let (from_ms, to_ms) = (from_ms.unwrap_or(i64::MIN), to_ms.unwrap_or(i64::MAX));
 
-    let brokers = args.kafka.brokers();
+    let brokers = args.kafka.brokers.clone();
     let topic = args.kafka.topic.clone();
     let started = Instant::now();
     let recomputed = tokio::task::spawn_blocking(move || recompute(&brokers, &topic, config))
