@@ -902,15 +902,20 @@ impl Loop {
                 }
                 self.commit(&saved);
             }
+            Err(err) if !err.is_retryable() => {
+                // A schema mismatch or bad configuration does not heal by retrying:
+                // stop loudly without committing (DESIGN: permanent errors).
+                self.shared.metrics.store_errors.inc();
+                self.shared
+                    .fail(format!("permanent store error, nothing committed: {err}"));
+                self.pending = Some(pending);
+            }
             Err(err) => {
                 self.shared.metrics.store_errors.inc();
                 let opened = self.breaker.on_failure(Instant::now());
                 let delay = self.backoff.next().unwrap_or(Duration::from_secs(1));
                 self.next_retry_at = Some(Instant::now() + delay);
                 warn!(%err, retry_in = ?delay, "store write failed; nothing committed");
-                if !err.is_retryable() {
-                    error!(%err, "permanent store error");
-                }
                 if opened {
                     warn!("circuit open: pausing partitions until a probe write succeeds");
                     self.set_paused(true);
