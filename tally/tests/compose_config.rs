@@ -1771,28 +1771,17 @@ fn dashboard_and_prometheus_config_parse_and_are_wired_up() {
     }
 }
 
+/// Docker's own parser; needs the compose plugin, which this machine lacks, so it
+/// is ignored here rather than counted as a pass (README: "docker compose").
 #[test]
-fn docker_compose_config_validates_when_the_plugin_is_installed() {
-    let available = Command::new("docker")
-        .args(["compose", "version"])
-        .output()
-        .is_ok_and(|output| output.status.success());
-    if !available {
-        // Straight to stderr, past the test harness's capture, so the skip is visible.
-        use std::io::Write as _;
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED `docker compose config -q`: the docker compose plugin is not installed here; \
-             the other tests in this file check the compose file"
-        );
-        return;
-    }
+#[ignore = "needs the docker compose plugin; run with --ignored where Docker is installed"]
+fn docker_compose_config_validates() {
     let output = Command::new("docker")
         .args(["compose", "-f"])
         .arg(repo_root().join("docker-compose.yml"))
         .args(["config", "-q"])
         .output()
-        .expect("running docker compose config");
+        .expect("running docker compose config (is the compose plugin installed?)");
     assert!(
         output.status.success(),
         "docker compose config -q failed: {}",
