@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The test command (README "Two commands"): installs what the tests need on a fresh
+# machine of this kind, then runs every test. `.ci/run` calls it after fmt and clippy.
+#
+# Each section installs only what is missing, so a second run starts at once.
+# Environment:
+#   TALLY_PROPTEST_CASES   more cases for the property tests (default: each test's own)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+
+apt_install() {
+  export DEBIAN_FRONTEND=noninteractive
+  if [ -z "${TALLY_APT_UPDATED:-}" ]; then
+    apt-get update -qq
+    TALLY_APT_UPDATED=1
+  fi
+  apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# Build packages: a C toolchain and make build librdkafka and SQLite from source
+# (rdkafka-sys and rusqlite's bundled feature); zlib for librdkafka's compression.
+missing=()
+for tool in cc make perl pkg-config; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ ! -e /usr/include/zlib.h ]; then missing+=(zlib); fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing build packages (missing: ${missing[*]})"
+  apt_install build-essential perl pkg-config zlib1g-dev
+fi
+
+echo "== cargo test --workspace --locked"
+log=$(mktemp)
+set +e
+cargo test --workspace --locked 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary, the last of
+# which is often a doc-test binary with nothing in it).
+passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^passed;?$/) s += $i } END { print s + 0 }' "$log")
+failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^failed;?$/) s += $i } END { print s + 0 }' "$log")
+rm -f "$log"
+echo "tests: ${passed} passed, ${failed} failed"
+exit "$status"
