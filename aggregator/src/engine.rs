@@ -42,7 +42,7 @@ use std::collections::BTreeMap;
 use std::mem::size_of;
 
 use hashbrown::HashMap;
-use tally_schemas::{Checkpoint, RejectReason};
+use tally_schemas::{Checkpoint, RejectReason, SumSettings};
 use tally_sink::WindowRow;
 use uuid::Uuid;
 
@@ -143,6 +143,14 @@ impl EngineConfig {
         let start_ms = timestamp_ms.div_euclid(window_ms).checked_mul(window_ms)?;
         let end_ms = start_ms.checked_add(window_ms)?;
         Some(Window { start_ms, end_ms })
+    }
+
+    /// The settings that decide sums (pinned in checkpoints and in the store).
+    pub fn sum_settings(&self) -> SumSettings {
+        SumSettings {
+            window_ms: self.window_ms,
+            grace_ms: self.grace_ms,
+        }
     }
 
     /// The smallest window boundary ≥ `time_ms` (saturating at `i64::MAX`).
@@ -595,6 +603,7 @@ impl PartitionEngine {
             max_ts_ms,
             closed_through_ms,
             generation: self.generation,
+            settings: Some(self.config.sum_settings()),
         })
     }
 }

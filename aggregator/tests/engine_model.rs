@@ -1072,6 +1072,7 @@ fn replay_start(
                 max_ts_ms: None,
                 closed_through_ms: Some(boundary),
                 generation: 1,
+                settings: None,
             };
             (
                 Committed::Tally(checkpoint),

@@ -11,31 +11,43 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::settings::SumSettings;
+
 /// Replay state of one partition at one committed offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Checkpoint {
     /// First offset not yet durably reflected in final rows: where a restart resumes.
-    #[serde(rename = "next")]
     pub next_offset: i64,
     /// Largest counted event time (ms) among records before `next_offset`.
-    #[serde(rename = "max_ts", default, skip_serializing_if = "Option::is_none")]
     pub max_ts_ms: Option<i64>,
     /// Windows whose end (ms) is at or before this are final in the store.
-    #[serde(rename = "closed", default, skip_serializing_if = "Option::is_none")]
     pub closed_through_ms: Option<i64>,
     /// Replay generation; rows of a higher generation win over lower ones.
-    #[serde(rename = "gen", default)]
     pub generation: u16,
+    /// The window size and grace the state was computed with (`None` in checkpoints
+    /// of builds that did not pin them, and in plans that leave them to the store).
+    pub settings: Option<SumSettings>,
 }
 
 /// Marks Tally's metadata so foreign commit metadata is never misread as ours.
 const METADATA_VERSION: u8 = 1;
 
+/// The metadata JSON: short field names, because Kafka bounds commit metadata
+/// (`offset.metadata.max.bytes`, 4 KiB by default).
 #[derive(Serialize, Deserialize)]
 struct Envelope {
     tally: u8,
-    #[serde(flatten)]
-    checkpoint: Checkpoint,
+    next: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_ts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    closed: Option<i64>,
+    #[serde(default)]
+    gen: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    w: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    g: Option<i64>,
 }
 
 /// Commit metadata that is not Tally's, or is for a different offset.
@@ -57,6 +69,7 @@ impl Checkpoint {
             max_ts_ms: None,
             closed_through_ms: None,
             generation: 0,
+            settings: None,
         }
     }
 
@@ -64,7 +77,12 @@ impl Checkpoint {
     pub fn to_metadata(&self) -> String {
         let envelope = Envelope {
             tally: METADATA_VERSION,
-            checkpoint: *self,
+            next: self.next_offset,
+            max_ts: self.max_ts_ms,
+            closed: self.closed_through_ms,
+            gen: self.generation,
+            w: self.settings.map(|s| s.window_ms),
+            g: self.settings.map(|s| s.grace_ms),
         };
         // Serialising plain integers cannot fail; fall back to an empty string
         // (which decodes as "no state") rather than panicking.
@@ -82,13 +100,31 @@ impl Checkpoint {
         if envelope.tally != METADATA_VERSION {
             return Err(CheckpointDecodeError::UnknownVersion(envelope.tally));
         }
-        if envelope.checkpoint.next_offset != committed_offset {
+        if envelope.next != committed_offset {
             return Err(CheckpointDecodeError::OffsetMismatch {
                 expected: committed_offset,
-                found: envelope.checkpoint.next_offset,
+                found: envelope.next,
             });
         }
-        Ok(envelope.checkpoint)
+        let settings = match (envelope.w, envelope.g) {
+            (Some(window_ms), Some(grace_ms)) => Some(SumSettings {
+                window_ms,
+                grace_ms,
+            }),
+            (None, None) => None,
+            _ => {
+                return Err(CheckpointDecodeError::NotTally(
+                    "window and grace must come together".into(),
+                ))
+            }
+        };
+        Ok(Checkpoint {
+            next_offset: envelope.next,
+            max_ts_ms: envelope.max_ts,
+            closed_through_ms: envelope.closed,
+            generation: envelope.gen,
+            settings,
+        })
     }
 }
 
@@ -103,10 +139,24 @@ mod tests {
             max_ts_ms: Some(1_700_000_000_123),
             closed_through_ms: Some(1_700_000_000_000),
             generation: 3,
+            settings: Some(SumSettings {
+                window_ms: 10_000,
+                grace_ms: 2_000,
+            }),
         };
         let text = checkpoint.to_metadata();
         assert!(text.len() < 128, "metadata too long: {text}");
         assert_eq!(Checkpoint::from_metadata(&text, 42), Ok(checkpoint));
+    }
+
+    #[test]
+    #[allow(clippy::unwrap_used)]
+    fn metadata_of_earlier_builds_reads_without_settings() {
+        let text = r#"{"tally":1,"next":7,"max_ts":30,"closed":20,"gen":2}"#;
+        let checkpoint = Checkpoint::from_metadata(text, 7).unwrap();
+        assert_eq!(checkpoint.settings, None);
+        assert_eq!(checkpoint.generation, 2);
+        assert!(Checkpoint::from_metadata(r#"{"tally":1,"next":7,"w":10}"#, 7).is_err());
     }
 
     #[test]

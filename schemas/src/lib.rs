@@ -7,6 +7,8 @@
 //!   status family and to a stable dead-letter `dlq.reason` code.
 //! - [`names`]: topic names, Kafka header names and the dead-letter header names.
 //! - [`checkpoint`]: the per-partition replay state that travels with an offset commit.
+//! - [`settings`]: the window size and grace that decide sums, pinned in the store
+//!   and in every checkpoint, and their change history.
 //! - [`kafka_option`]: `--kafka-option key=value` extra librdkafka settings (values
 //!   redacted in `Debug`).
 //!
@@ -18,6 +20,7 @@ pub mod increment;
 pub mod kafka_option;
 pub mod names;
 pub mod reason;
+pub mod settings;
 
 pub use checkpoint::{Checkpoint, CheckpointDecodeError};
 pub use increment::{
@@ -26,3 +29,4 @@ pub use increment::{
 };
 pub use kafka_option::KafkaOption;
 pub use reason::RejectReason;
+pub use settings::{PinnedSettings, SettingsEpoch, SettingsError, SettingsMismatch, SumSettings};

@@ -21,4 +21,6 @@ pub use error::SinkError;
 pub use row::{WindowRow, WindowTotal};
 pub use scylla_store::ScyllaStore;
 pub use sqlite::SqliteStore;
-pub use store::{open_store, CheckpointScope, ScyllaOptions, StoreUrl, WindowStore};
+pub use store::{
+    load_settings, open_store, pin_settings, CheckpointScope, ScyllaOptions, StoreUrl, WindowStore,
+};

@@ -86,11 +86,29 @@ type RowValues = (
     i32,
 );
 
-/// A `tally_checkpoints` row as selected: (next_offset, max_ts, closed_through, generation).
-type RawCheckpoint = (i64, Option<i64>, Option<i64>, Option<i32>);
+/// A `tally_checkpoints` row as selected: (next_offset, max_ts, closed_through,
+/// generation, window_ms, grace_ms).
+type RawCheckpoint = (
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i32>,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// The bound values of the checkpoint insert.
-type CheckpointValues<'a> = (&'a str, &'a str, i32, i64, Option<i64>, Option<i64>, i32);
+type CheckpointValues<'a> = (
+    &'a str,
+    &'a str,
+    i32,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    i32,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// The ScyllaDB window store. All statements are prepared once in [`connect`](Self::connect).
 pub struct ScyllaStore {
@@ -105,6 +123,8 @@ pub struct ScyllaStore {
     select_checkpoint_latest: PreparedStatement,
     select_checkpoint_offsets: PreparedStatement,
     delete_checkpoint: PreparedStatement,
+    select_metadata: PreparedStatement,
+    insert_metadata_revision: PreparedStatement,
 }
 
 impl std::fmt::Debug for ScyllaStore {
@@ -166,7 +186,8 @@ impl ScyllaStore {
         };
         let ks = keyspace;
         let row_columns = "key, window_start, partition, window_end, sum, count, final, through_offset, generation";
-        let checkpoint_columns = "next_offset, max_ts, closed_through, generation";
+        let checkpoint_columns =
+            "next_offset, max_ts, closed_through, generation, window_ms, grace_ms";
         let checkpoint_scope = "consumer_group = ? AND topic = ? AND partition = ?";
 
         let insert_row = prepare(format!(
@@ -181,7 +202,7 @@ impl ScyllaStore {
         scan_all.set_page_size(SCAN_PAGE_SIZE);
         let insert_checkpoint = prepare(format!(
             "INSERT INTO {ks}.tally_checkpoints (consumer_group, topic, partition, {checkpoint_columns}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?)"
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .await?;
         let select_checkpoint_exact = prepare(format!(
@@ -203,6 +224,17 @@ impl ScyllaStore {
         ))
         .await?;
 
+        let select_metadata = prepare(format!(
+            "SELECT revision, value FROM {ks}.tally_metadata WHERE name = ?"
+        ))
+        .await?;
+        // A lightweight transaction: of several writers racing for the same next
+        // revision, exactly one wins.
+        let insert_metadata_revision = prepare(format!(
+            "INSERT INTO {ks}.tally_metadata (name, revision, value) VALUES (?, ?, ?) IF NOT EXISTS"
+        ))
+        .await?;
+
         let store = ScyllaStore {
             session,
             description: format!("scylla://{}/{keyspace}", nodes.join(",")),
@@ -215,6 +247,8 @@ impl ScyllaStore {
             select_checkpoint_latest,
             select_checkpoint_offsets,
             delete_checkpoint,
+            select_metadata,
+            insert_metadata_revision,
         };
         store.check_types()?;
         Ok(store)
@@ -251,10 +285,27 @@ impl ScyllaStore {
             (&self.select_checkpoint_exact, type_check::<RawCheckpoint>),
             (&self.select_checkpoint_latest, type_check::<RawCheckpoint>),
             (&self.select_checkpoint_offsets, type_check::<(i64,)>),
+            (&self.select_metadata, type_check::<(i32, Option<String>)>),
         ] {
             check(statement).map_err(|err| mismatch(statement.get_statement(), &err))?;
         }
         Ok(())
+    }
+
+    /// The newest revision of a metadata entry: each change is a new row, so the
+    /// history of (for example) settings changes stays readable.
+    async fn latest_metadata(
+        &self,
+        name: &str,
+    ) -> Result<Option<(i32, Option<String>)>, SinkError> {
+        let result = self
+            .session
+            .execute_unpaged(&self.select_metadata, (name,))
+            .await
+            .map_err(|err| execution_error("reading store metadata", err))?;
+        Ok(rows_of::<(i32, Option<String>)>(result)?
+            .into_iter()
+            .max_by_key(|(revision, _)| *revision))
     }
 
     async fn write_row(&self, row: &WindowRow) -> Result<(), SinkError> {
@@ -437,6 +488,33 @@ impl WindowStore for ScyllaStore {
         chosen.map(checkpoint_from_raw).transpose()
     }
 
+    async fn load_metadata(&self, name: &str) -> Result<Option<String>, SinkError> {
+        Ok(self
+            .latest_metadata(name)
+            .await?
+            .and_then(|(_, value)| value))
+    }
+
+    async fn compare_and_set_metadata(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, SinkError> {
+        let latest = self.latest_metadata(name).await?;
+        let (revision, current) =
+            latest.map_or((0, None), |(revision, value)| (revision + 1, value));
+        if current.as_deref() != expected {
+            return Ok(false);
+        }
+        let result = self
+            .session
+            .execute_unpaged(&self.insert_metadata_revision, (name, revision, value))
+            .await
+            .map_err(|err| execution_error("writing store metadata", err))?;
+        lwt_applied(result)
+    }
+
     async fn probe(&self) -> Result<(), SinkError> {
         // A real write at the configured consistency, so the circuit closes only when
         // writes would succeed; it overwrites one fixed row outside any real scope.
@@ -461,7 +539,7 @@ impl WindowStore for ScyllaStore {
 }
 
 /// The DDL run at connect, all idempotent (`IF NOT EXISTS`).
-fn schema_statements(keyspace: &str, replication: &str) -> [String; 3] {
+fn schema_statements(keyspace: &str, replication: &str) -> [String; 4] {
     [
         format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}"),
         format!(
@@ -472,8 +550,13 @@ fn schema_statements(keyspace: &str, replication: &str) -> [String; 3] {
         format!(
             "CREATE TABLE IF NOT EXISTS {keyspace}.tally_checkpoints (consumer_group text, topic text, \
              partition int, next_offset bigint, max_ts bigint, closed_through bigint, generation int, \
+             window_ms bigint, grace_ms bigint, \
              PRIMARY KEY ((consumer_group, topic, partition), next_offset)) \
              WITH CLUSTERING ORDER BY (next_offset DESC)"
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {keyspace}.tally_metadata (name text, revision int, value text, \
+             PRIMARY KEY (name, revision))"
         ),
     ]
 }
@@ -548,6 +631,8 @@ fn checkpoint_values<'a>(
         checkpoint.max_ts_ms,
         checkpoint.closed_through_ms,
         i32::from(checkpoint.generation),
+        checkpoint.settings.map(|s| s.window_ms),
+        checkpoint.settings.map(|s| s.grace_ms),
     )
 }
 
@@ -575,7 +660,8 @@ fn row_from_raw(raw: RawRow) -> Result<WindowRow, SinkError> {
 }
 
 fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
-    let (next_offset, max_ts_ms, closed_through_ms, generation) = raw;
+    let (next_offset, max_ts_ms, closed_through_ms, generation, window_ms, grace_ms) = raw;
+    let settings = crate::sqlite::checkpoint_settings(next_offset, window_ms, grace_ms)?;
     let generation = generation
         .and_then(|g| u16::try_from(g).ok())
         .ok_or_else(|| {
@@ -588,7 +674,35 @@ fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
         max_ts_ms,
         closed_through_ms,
         generation,
+        settings,
     })
+}
+
+/// The `[applied]` column of a lightweight transaction's answer (its first column;
+/// the current values follow when it was not applied). A node without lightweight
+/// transactions (the in-memory CQL test node) answers with no rows at all: the write
+/// then happened unconditionally, after the read in `compare_and_set_metadata` saw the
+/// expected value, so it counts as applied (only a concurrent writer of the same
+/// revision could differ, which ScyllaDB's answer rules out).
+fn lwt_applied(result: QueryResult) -> Result<bool, SinkError> {
+    if !result.is_rows() {
+        return Ok(true);
+    }
+    let rows = result
+        .into_rows_result()
+        .map_err(|err| SinkError::Schema(format!("conditional write answer: {err}")))?;
+    let first = rows
+        .rows::<scylla::value::Row>()
+        .map_err(|err| SinkError::Schema(format!("conditional write answer: {err}")))?
+        .next()
+        .transpose()
+        .map_err(|err| SinkError::Schema(format!("conditional write answer: {err}")))?;
+    match first.and_then(|row| row.columns.into_iter().next().flatten()) {
+        Some(scylla::value::CqlValue::Boolean(applied)) => Ok(applied),
+        other => Err(SinkError::Schema(format!(
+            "conditional write answer has no [applied] column: {other:?}"
+        ))),
+    }
 }
 
 type TypeCheck = fn(&PreparedStatement) -> Result<(), scylla::deserialize::TypeCheckError>;

@@ -38,7 +38,7 @@ const WINDOW_SUMS_COLUMNS: [(&str, &str, i64); 10] = [
     ("generation", "INTEGER", 0),
 ];
 
-const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 7] = [
+const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 9] = [
     ("consumer_group", "TEXT", 1),
     ("topic", "TEXT", 2),
     ("partition", "INTEGER", 3),
@@ -46,7 +46,11 @@ const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 7] = [
     ("max_ts", "INTEGER", 0),
     ("closed_through", "INTEGER", 0),
     ("generation", "INTEGER", 0),
+    ("window_ms", "INTEGER", 0),
+    ("grace_ms", "INTEGER", 0),
 ];
+
+const METADATA_COLUMNS: [(&str, &str, i64); 2] = [("name", "TEXT", 1), ("value", "TEXT", 0)];
 
 // `key` and `partition` are SQLite keywords (usable as names, but quoted to be safe).
 const CREATE_SCHEMA: &str = r#"
@@ -72,7 +76,13 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     max_ts         INTEGER,
     closed_through INTEGER,
     generation     INTEGER NOT NULL,
+    window_ms      INTEGER,
+    grace_ms       INTEGER,
     PRIMARY KEY (consumer_group, topic, "partition", next_offset)
+);
+CREATE TABLE IF NOT EXISTS tally_metadata (
+    name  TEXT NOT NULL PRIMARY KEY,
+    value TEXT NOT NULL
 );
 "#;
 
@@ -137,6 +147,7 @@ impl SqliteStore {
             .map_err(sqlite_error)?;
         check_columns(&connection, "window_sums", &WINDOW_SUMS_COLUMNS)?;
         check_columns(&connection, "checkpoints", &CHECKPOINTS_COLUMNS)?;
+        check_columns(&connection, "tally_metadata", &METADATA_COLUMNS)?;
         Ok(SqliteStore {
             connection: Arc::new(Mutex::new(connection)),
             path: path.to_path_buf(),
@@ -266,12 +277,15 @@ impl WindowStore for SqliteStore {
             transaction
                 .prepare_cached(
                     r#"INSERT INTO checkpoints
-                        (consumer_group, topic, "partition", next_offset, max_ts, closed_through, generation)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                        (consumer_group, topic, "partition", next_offset, max_ts, closed_through,
+                         generation, window_ms, grace_ms)
+                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
                        ON CONFLICT (consumer_group, topic, "partition", next_offset) DO UPDATE SET
                         max_ts = excluded.max_ts,
                         closed_through = excluded.closed_through,
-                        generation = excluded.generation"#,
+                        generation = excluded.generation,
+                        window_ms = excluded.window_ms,
+                        grace_ms = excluded.grace_ms"#,
                 )
                 .map_err(sqlite_error)?
                 .execute(params![
@@ -282,6 +296,8 @@ impl WindowStore for SqliteStore {
                     checkpoint.max_ts_ms,
                     checkpoint.closed_through_ms,
                     checkpoint.generation,
+                    checkpoint.settings.map(|s| s.window_ms),
+                    checkpoint.settings.map(|s| s.grace_ms),
                 ])
                 .map_err(sqlite_error)?;
             let stored: Vec<i64> = transaction
@@ -321,7 +337,8 @@ impl WindowStore for SqliteStore {
     ) -> Result<Option<Checkpoint>, SinkError> {
         let scope = scope.clone();
         self.with_connection(move |connection| {
-            let base = r#"SELECT next_offset, max_ts, closed_through, generation FROM checkpoints
+            let base = r#"SELECT next_offset, max_ts, closed_through, generation, window_ms, grace_ms
+                          FROM checkpoints
                           WHERE consumer_group = ?1 AND topic = ?2 AND "partition" = ?3"#;
             let raw = match next_offset {
                 Some(offset) => connection
@@ -343,6 +360,58 @@ impl WindowStore for SqliteStore {
             }
             .map_err(sqlite_error)?;
             raw.map(checkpoint_from_raw).transpose()
+        })
+        .await
+    }
+
+    async fn load_metadata(&self, name: &str) -> Result<Option<String>, SinkError> {
+        let name = name.to_owned();
+        self.with_connection(move |connection| {
+            connection
+                .prepare_cached("SELECT value FROM tally_metadata WHERE name = ?1")
+                .map_err(sqlite_error)?
+                .query_row(params![name], |row| row.get(0))
+                .optional()
+                .map_err(sqlite_error)
+        })
+        .await
+    }
+
+    async fn compare_and_set_metadata(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, SinkError> {
+        let (name, expected, value) = (
+            name.to_owned(),
+            expected.map(str::to_owned),
+            value.to_owned(),
+        );
+        self.with_connection(move |connection| {
+            // IMMEDIATE: the read and the write are one step for every other writer.
+            let transaction = connection
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sqlite_error)?;
+            let current: Option<String> = transaction
+                .prepare_cached("SELECT value FROM tally_metadata WHERE name = ?1")
+                .map_err(sqlite_error)?
+                .query_row(params![name], |row| row.get(0))
+                .optional()
+                .map_err(sqlite_error)?;
+            if current != expected {
+                return Ok(false);
+            }
+            transaction
+                .prepare_cached(
+                    "INSERT INTO tally_metadata (name, value) VALUES (?1, ?2)
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                )
+                .map_err(sqlite_error)?
+                .execute(params![name, value])
+                .map_err(sqlite_error)?;
+            transaction.commit().map_err(sqlite_error)?;
+            Ok(true)
         })
         .await
     }
@@ -405,15 +474,23 @@ fn row_from_raw(raw: RawRow) -> Result<WindowRow, SinkError> {
     })
 }
 
-type RawCheckpoint = (i64, Option<i64>, Option<i64>, i64);
+type RawCheckpoint = (i64, Option<i64>, Option<i64>, i64, Option<i64>, Option<i64>);
 
 fn raw_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawCheckpoint> {
-    Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
 }
 
 fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
-    let (next_offset, max_ts_ms, closed_through_ms, generation) = raw;
+    let (next_offset, max_ts_ms, closed_through_ms, generation, window_ms, grace_ms) = raw;
     Ok(Checkpoint {
+        settings: checkpoint_settings(next_offset, window_ms, grace_ms)?,
         next_offset,
         max_ts_ms,
         closed_through_ms,
@@ -423,6 +500,24 @@ fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
             ))
         })?,
     })
+}
+
+/// The pinned settings of a checkpoint row: both columns or neither.
+pub(crate) fn checkpoint_settings(
+    next_offset: i64,
+    window_ms: Option<i64>,
+    grace_ms: Option<i64>,
+) -> Result<Option<tally_schemas::SumSettings>, SinkError> {
+    match (window_ms, grace_ms) {
+        (Some(window_ms), Some(grace_ms)) => Ok(Some(tally_schemas::SumSettings {
+            window_ms,
+            grace_ms,
+        })),
+        (None, None) => Ok(None),
+        _ => Err(SinkError::BadRow(format!(
+            "checkpoint at offset {next_offset}: window_ms and grace_ms must both be set or both be null"
+        ))),
+    }
 }
 
 /// Compares a table's columns with what this build writes (names, declared types,

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tally_schemas::Checkpoint;
+use tally_schemas::{Checkpoint, PinnedSettings, SumSettings};
 use uuid::Uuid;
 
 use crate::error::SinkError;
@@ -61,11 +61,66 @@ pub trait WindowStore: Send + Sync + 'static {
         next_offset: Option<i64>,
     ) -> Result<Option<Checkpoint>, SinkError>;
 
+    /// A store-wide metadata entry (small text, such as the pinned settings), if set.
+    async fn load_metadata(&self, name: &str) -> Result<Option<String>, SinkError>;
+
+    /// Sets the entry `name` to `value` if it holds `expected` now (`None`: unset).
+    /// Returns `false`, writing nothing, if it holds something else: another process
+    /// got there first, so reload and decide again.
+    async fn compare_and_set_metadata(
+        &self,
+        name: &str,
+        expected: Option<&str>,
+        value: &str,
+    ) -> Result<bool, SinkError>;
+
     /// A cheap round trip that succeeds only if writes would (circuit-breaker probe).
     async fn probe(&self) -> Result<(), SinkError>;
 
     /// Where the store is, for logs and `tally dev`'s banner (no secrets).
     fn describe(&self) -> String;
+}
+
+/// The settings pinned in `store`, or `None` for a store no aggregator has used yet.
+pub async fn load_settings(store: &dyn WindowStore) -> Result<Option<PinnedSettings>, SinkError> {
+    store
+        .load_metadata(PinnedSettings::METADATA_NAME)
+        .await?
+        .map(|text| {
+            PinnedSettings::from_json(&text).map_err(|err| {
+                SinkError::Schema(format!("{}: {err}", PinnedSettings::METADATA_NAME))
+            })
+        })
+        .transpose()
+}
+
+/// Pins `configured` in a store used for the first time, or checks it against what
+/// the store pinned: a mismatch is a [`SinkError::Config`] naming both values.
+pub async fn pin_settings(
+    store: &dyn WindowStore,
+    configured: SumSettings,
+) -> Result<PinnedSettings, SinkError> {
+    // Two processes may pin at once: the compare-and-set lets exactly one win, and
+    // the loser checks against the winner's values.
+    for _ in 0..3 {
+        if let Some(pinned) = load_settings(store).await? {
+            pinned
+                .check(configured)
+                .map_err(|err| SinkError::Config(err.to_string()))?;
+            return Ok(pinned);
+        }
+        let fresh =
+            PinnedSettings::new(configured).map_err(|err| SinkError::Config(err.to_string()))?;
+        if store
+            .compare_and_set_metadata(PinnedSettings::METADATA_NAME, None, &fresh.to_json())
+            .await?
+        {
+            return Ok(fresh);
+        }
+    }
+    Err(SinkError::Unavailable(
+        "the pinned settings kept changing while being read".into(),
+    ))
 }
 
 /// How many checkpoints at or below the newest saved offset a store keeps per

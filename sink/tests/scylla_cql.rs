@@ -261,6 +261,10 @@ fn checkpoint(next_offset: i64) -> Checkpoint {
         max_ts_ms: Some(T0 + next_offset),
         closed_through_ms: Some(T0 + next_offset - WINDOW),
         generation: 3,
+        settings: Some(tally_schemas::SumSettings {
+            window_ms: WINDOW,
+            grace_ms: 2_000,
+        }),
     }
 }
 
@@ -461,4 +465,32 @@ async fn an_unreachable_node_is_retryable_and_bad_options_are_not() {
         .await
         .unwrap_err();
     assert!(matches!(err, SinkError::Config(_)), "{err:?}");
+}
+
+#[test]
+fn metadata_compare_and_set_and_settings_pinning_over_cql() -> anyhow::Result<()> {
+    use tally_schemas::SumSettings;
+    with_cql_node(|addr| async move {
+        let store =
+            ScyllaStore::connect(&[addr.to_string()], "tally_meta_test", &options()).await?;
+        ensure!(store.load_metadata("m").await? == None);
+        ensure!(store.compare_and_set_metadata("m", None, "a").await?);
+        ensure!(!store.compare_and_set_metadata("m", None, "b").await?);
+        ensure!(!store.compare_and_set_metadata("m", Some("x"), "b").await?);
+        ensure!(store.load_metadata("m").await?.as_deref() == Some("a"));
+        ensure!(store.compare_and_set_metadata("m", Some("a"), "b").await?);
+        ensure!(store.load_metadata("m").await?.as_deref() == Some("b"));
+        let ten_s = SumSettings {
+            window_ms: 10_000,
+            grace_ms: 2_000,
+        };
+        tally_sink::pin_settings(&store, ten_s).await?;
+        let other = SumSettings {
+            window_ms: 10_000,
+            grace_ms: 0,
+        };
+        let refused = tally_sink::pin_settings(&store, other).await;
+        ensure!(matches!(refused, Err(SinkError::Config(_))), "{refused:?}");
+        Ok(())
+    })
 }

@@ -58,6 +58,10 @@ fn checkpoint(next_offset: i64, generation: u16) -> Checkpoint {
         max_ts_ms: Some(next_offset * 100),
         closed_through_ms: Some(next_offset * 10),
         generation,
+        settings: Some(tally_schemas::SumSettings {
+            window_ms: 10,
+            grace_ms: next_offset % 3,
+        }),
     }
 }
 
@@ -540,4 +544,64 @@ proptest! {
         let expected_versions: Vec<i64> = expected.values().map(WindowRow::version).collect();
         prop_assert_eq!(stored_versions, expected_versions);
     }
+}
+
+#[tokio::test]
+async fn metadata_is_compare_and_set_and_pins_settings_once() {
+    use tally_schemas::SumSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.load_metadata("m").await.unwrap(), None);
+    assert!(store
+        .compare_and_set_metadata("m", None, "a")
+        .await
+        .unwrap());
+    // A second "first" writer loses and writes nothing.
+    assert!(!store
+        .compare_and_set_metadata("m", None, "b")
+        .await
+        .unwrap());
+    assert!(!store
+        .compare_and_set_metadata("m", Some("x"), "b")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.load_metadata("m").await.unwrap().as_deref(),
+        Some("a")
+    );
+    assert!(store
+        .compare_and_set_metadata("m", Some("a"), "b")
+        .await
+        .unwrap());
+    assert_eq!(
+        store.load_metadata("m").await.unwrap().as_deref(),
+        Some("b")
+    );
+
+    let ten_s = SumSettings {
+        window_ms: 10_000,
+        grace_ms: 2_000,
+    };
+    let pinned = tally_sink::pin_settings(&store, ten_s).await.unwrap();
+    assert_eq!(pinned.current().settings(), ten_s);
+    // Reopened with the same values: fine; with others: refused, naming both.
+    let reopened = open(dir.path());
+    tally_sink::pin_settings(&reopened, ten_s).await.unwrap();
+    let other = SumSettings {
+        window_ms: 60_000,
+        grace_ms: 2_000,
+    };
+    let err = tally_sink::pin_settings(&reopened, other)
+        .await
+        .unwrap_err();
+    assert!(!err.is_retryable());
+    let text = err.to_string();
+    assert!(
+        text.contains("window 10000 ms") && text.contains("window 60000 ms"),
+        "{text}"
+    );
+    assert_eq!(
+        tally_sink::load_settings(&reopened).await.unwrap(),
+        Some(pinned)
+    );
 }

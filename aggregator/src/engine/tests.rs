@@ -371,6 +371,7 @@ fn decision_order_timestamp_checks_before_late_before_already_final() {
         max_ts_ms: Some(95),
         closed_through_ms: Some(100),
         generation: 0,
+        settings: None,
     });
     let mut engine = PartitionEngine::new(config(10, 0), 0, resume);
     // Negative: invalid, even though its window is also closed and final.
@@ -410,6 +411,7 @@ fn already_final_records_move_max_ts_for_later_lateness() {
         max_ts_ms: None,
         closed_through_ms: Some(30),
         generation: 0,
+        settings: None,
     });
     let mut engine = PartitionEngine::new(config(10, 5), 3, resume);
     assert_eq!(
@@ -582,6 +584,7 @@ fn checkpoint_of_an_empty_engine_is_its_resume_state() {
         max_ts_ms: Some(1_234),
         closed_through_ms: Some(1_000),
         generation: 7,
+        settings: None,
     };
     let mut engine = PartitionEngine::new(config(10, 500), 0, Resume::Checkpoint(restored));
     assert_eq!(engine.flush().checkpoint, Some(restored));
@@ -604,6 +607,7 @@ fn checkpoint_resumes_at_the_earliest_open_window_by_offset() {
             max_ts_ms: None,
             closed_through_ms: Some(18),
             generation: 0,
+            settings: Some(engine.config().sum_settings()),
         },
         "the earliest window in time ([10, 20)) is not the earliest by offset"
     );
@@ -619,6 +623,7 @@ fn checkpoint_resumes_at_the_earliest_open_window_by_offset() {
             max_ts_ms: Some(28),
             closed_through_ms: Some(30),
             generation: 0,
+            settings: Some(engine.config().sum_settings()),
         }
     );
     // Everything closed: resume after the last record with the current max_ts.
@@ -635,6 +640,7 @@ fn checkpoint_resumes_at_the_earliest_open_window_by_offset() {
             max_ts_ms: Some(40),
             closed_through_ms: Some(90),
             generation: 0,
+            settings: Some(engine.config().sum_settings()),
         }
     );
 }
@@ -646,6 +652,7 @@ fn checkpoint_keeps_a_restored_boundary_above_the_watermark() {
         max_ts_ms: Some(10),
         closed_through_ms: Some(50),
         generation: 2,
+        settings: None,
     });
     let mut engine = PartitionEngine::new(config(10, 0), 0, resume);
     engine.record(0, key(1), 55, 1, NOW_MS);
@@ -658,6 +665,7 @@ fn checkpoint_keeps_a_restored_boundary_above_the_watermark() {
             max_ts_ms: Some(10),
             closed_through_ms: Some(55),
             generation: 2,
+            settings: Some(engine.config().sum_settings()),
         }
     );
 }
@@ -816,6 +824,7 @@ fn external_reset_freezes_windows_up_to_the_anchor_plus_grace() {
             max_ts_ms: Some(31),
             closed_through_ms: Some(40),
             generation: 4,
+            settings: Some(engine.config().sum_settings()),
         })
     );
 }

@@ -181,6 +181,7 @@ fn plan_from_time(
                     max_ts_ms: None,
                     closed_through_ms: Some(window_start),
                     generation: 0,
+                    settings: None,
                 }),
             _ => Checkpoint {
                 next_offset: target,
@@ -192,6 +193,7 @@ fn plan_from_time(
                         _ => None,
                     })
                     .map_or(0, |c| c.generation),
+                settings: None,
             },
         };
         plan.push((partition, checkpoint));
