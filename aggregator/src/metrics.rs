@@ -28,6 +28,12 @@ pub struct AggregatorMetrics {
     pub commits: IntCounterVec,
     /// Records between the read position and the partition's high watermark.
     pub consumer_lag: IntGaugeVec,
+    /// Records between the last committed offset and the partition's high watermark:
+    /// what a restart would read again. Grows while commits are stuck.
+    pub commit_lag: IntGaugeVec,
+    /// Records dead-lettered as `late`, per partition (a direct producer whose
+    /// buffered records arrive after newer ones shows up here).
+    pub late_by_partition: IntCounterVec,
     /// Wall clock minus the partition watermark, seconds.
     pub watermark_lag: HistogramVec,
     /// Age of the oldest counted increment not yet flushed, seconds.
@@ -138,6 +144,20 @@ impl AggregatorMetrics {
             ),
             &["partition"],
         )?;
+        let commit_lag = IntGaugeVec::new(
+            Opts::new(
+                "tally_aggregator_commit_lag",
+                "Records between the committed offset and the high watermark, per partition",
+            ),
+            &["partition"],
+        )?;
+        let late_by_partition = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_late_records_total",
+                "Records dead-lettered as late, per partition",
+            ),
+            &["partition"],
+        )?;
         let watermark_lag = HistogramVec::new(
             HistogramOpts::new(
                 "tally_aggregator_watermark_lag_seconds",
@@ -166,6 +186,8 @@ impl AggregatorMetrics {
         registry.register(Box::new(dlq_writes.clone()))?;
         registry.register(Box::new(commits.clone()))?;
         registry.register(Box::new(consumer_lag.clone()))?;
+        registry.register(Box::new(commit_lag.clone()))?;
+        registry.register(Box::new(late_by_partition.clone()))?;
         registry.register(Box::new(watermark_lag.clone()))?;
         registry.register(Box::new(freshness.clone()))?;
         registry.register(Box::new(assigned_partitions.clone()))?;
@@ -193,6 +215,8 @@ impl AggregatorMetrics {
             dlq_writes,
             commits,
             consumer_lag,
+            commit_lag,
+            late_by_partition,
             watermark_lag,
             freshness,
             assigned_partitions,

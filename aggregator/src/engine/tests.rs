@@ -584,12 +584,18 @@ fn checkpoint_of_an_empty_engine_is_its_resume_state() {
         max_ts_ms: Some(1_234),
         closed_through_ms: Some(1_000),
         generation: 7,
-        settings: None,
+        settings: Some(config(10, 500).sum_settings()),
     };
     let mut engine = PartitionEngine::new(config(10, 500), 0, Resume::Checkpoint(restored));
     assert_eq!(engine.flush().checkpoint, Some(restored));
     let mut fresh_engine = fresh(config(10, 0));
-    assert_eq!(fresh_engine.flush().checkpoint, Some(Checkpoint::fresh(0)));
+    assert_eq!(
+        fresh_engine.flush().checkpoint,
+        Some(Checkpoint {
+            settings: Some(config(10, 0).sum_settings()),
+            ..Checkpoint::fresh(0)
+        })
+    );
 }
 
 #[test]
