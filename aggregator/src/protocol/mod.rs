@@ -23,7 +23,11 @@
 //!    committable once the store row of the checkpoint and every row of its partition
 //!    from that flush and earlier ones are durable ([`Event::Written`]).
 //! 2. Never commit past a dead letter that Kafka has not acknowledged: the source
-//!    offset counts as processed only after its letter is durable.
+//!    offset counts as processed only after its letter is durable. Checkpoint rows
+//!    follow the same rule (a group whose offsets expired resumes from the store's
+//!    latest checkpoint row). "Past" includes an overflow letter of a window the
+//!    checkpoint holds final: a resume from it judges that record already final and
+//!    would never send its letter again.
 //! 3. Commit only forward, and only for the assignment that produced the checkpoint.
 //! 4. At most one checkpoint row saved and not yet committed per partition, so the
 //!    store always keeps the row of the offset the broker holds (it keeps
@@ -32,11 +36,15 @@
 //! 5. A revoked partition gets one last flush; it is committed only if that flush and
 //!    every earlier one are durable and its letters acknowledged within the deadline,
 //!    else handed over uncommitted (the next owner replays; nothing is lost).
-//! 6. Offsets that vanished (the log start moved past the next offset to read) never
+//! 6. An external reset (an offset without Tally state) first saves its claim, a
+//!    checkpoint row with its new generation, and writes no row before that claim is
+//!    durable: a second reset then always takes a higher generation, even if the
+//!    first never got as far as a checkpoint.
+//! 7. Offsets that vanished (the log start moved past the next offset to read) never
 //!    lower a stored row: by default the partition halts there, uncommitted past the
 //!    gap; with `accept_data_loss` it restarts at the log start as an external reset
 //!    (the windows the gap can touch are frozen). Either way it is counted.
-//! 7. A checkpoint pinned with other window/grace settings than this process has, an
+//! 8. A checkpoint pinned with other window/grace settings than this process has, an
 //!    unreadable store checkpoint, a permanent store error or a dead letter that can
 //!    never be delivered: stop, uncommitted.
 
@@ -519,7 +527,14 @@ impl Protocol {
             timestamp_ms: record.timestamp_ms,
             redriven_from: record.redriven_from.map(<[u8]>::to_vec),
         };
-        state.letters.insert(offset);
+        let overflow_window_end = match reason {
+            RejectReason::SumOverflow => record
+                .timestamp_ms
+                .and_then(|ts| self.config.engine.window_containing(ts))
+                .map(|window| window.end_ms),
+            _ => None,
+        };
+        state.letter_sent(offset, overflow_window_end);
         let id = self.next_letter;
         self.next_letter += 1;
         self.letters.insert(
@@ -640,7 +655,7 @@ impl Protocol {
         let partition = outstanding.letter.partition;
         if let Some(state) = self.partitions.get_mut(&partition) {
             if state.epoch == outstanding.epoch {
-                state.letters.remove(&outstanding.letter.offset);
+                state.letter_acked(outstanding.letter.offset);
             }
         }
         self.commit_what_is_committable(false, out);
@@ -674,6 +689,12 @@ impl Protocol {
     fn on_assigned(&mut self, assigned: Vec<AssignedPartition>, out: &mut Vec<Command>) {
         let configured = self.config.engine.sum_settings();
         let mut positions = Vec::with_capacity(assigned.len());
+        // External resets claim their generation in the store before anything else.
+        let mut claims = WriteBatch {
+            flush: self.next_flush,
+            rows: Vec::new(),
+            checkpoints: Vec::new(),
+        };
         for partition in assigned {
             let decision = resume::decide(&partition.committed, partition.store);
             if let Some(pinned) = decision.checkpoint().and_then(|c| c.settings) {
@@ -699,14 +720,24 @@ impl Protocol {
             self.next_epoch += 1;
             let engine =
                 PartitionEngine::new(self.config.engine, partition.partition, decision.resume);
-            self.partitions.insert(
-                partition.partition,
-                PartitionState::new(engine, epoch, committed, latest_generation),
-            );
+            let mut state = PartitionState::new(engine, epoch, committed, latest_generation);
+            if let Resume::ExternalReset {
+                next_offset,
+                generation,
+            } = decision.resume
+            {
+                let claim = Checkpoint::reset_claim(next_offset, generation, Some(configured));
+                state.claim_reset(partition.partition, claim, &mut claims);
+            }
+            self.partitions.insert(partition.partition, state);
             positions.push((partition.partition, decision.start));
         }
         let paused: Vec<i32> = positions.iter().map(|(p, _)| *p).collect();
         out.push(Command::Assign { positions });
+        if !claims.checkpoints.is_empty() {
+            self.next_flush += 1;
+            out.push(Command::WriteRows(claims));
+        }
         if !self.store_available && !paused.is_empty() {
             out.push(Command::Pause { partitions: paused });
         }
@@ -838,6 +869,19 @@ impl Protocol {
                 generation,
             },
         );
+        let mut claim = WriteBatch {
+            flush: self.next_flush,
+            rows: Vec::new(),
+            checkpoints: Vec::new(),
+        };
+        let settings = Some(engine_config.sum_settings());
+        state.claim_reset(
+            partition,
+            Checkpoint::reset_claim(restart_at, generation, settings),
+            &mut claim,
+        );
+        self.next_flush += 1;
+        out.push(Command::WriteRows(claim));
         out.push(Command::Seek {
             partition,
             offset: restart_at,

@@ -1,6 +1,6 @@
 //! The protocol's state of one owned partition.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use tally_schemas::Checkpoint;
 use tally_sink::WindowRow;
@@ -44,6 +44,10 @@ pub(super) struct PartitionState {
     pub latest_generation: u16,
     /// Source offsets of dead letters not yet acknowledged.
     pub letters: BTreeSet<i64>,
+    /// The unacknowledged `sum_overflow` letters among them, with their window's end:
+    /// a resume whose closed-through boundary covers that window judges the record
+    /// already final and would not send the letter again.
+    pub overflow_letters: BTreeMap<i64, i64>,
     /// Set when offsets vanished and the partition halted there.
     pub halted: Option<LostRange>,
     /// Rows of an engine replaced after lost offsets, written with the next flush.
@@ -60,6 +64,9 @@ pub(super) struct PartitionState {
     commit_in_flight: Option<i64>,
     /// The engine's last flush had no checkpoint (an external reset before its anchor).
     without_checkpoint: bool,
+    /// The write holding an external reset's claim, not yet durable: no row of the
+    /// reset's generation may be written before it.
+    claim: Option<FlushId>,
 }
 
 impl PartitionState {
@@ -76,6 +83,7 @@ impl PartitionState {
             committed,
             latest_generation,
             letters: BTreeSet::new(),
+            overflow_letters: BTreeMap::new(),
             halted: None,
             carried_rows: Vec::new(),
             unwritten: BTreeSet::new(),
@@ -84,7 +92,18 @@ impl PartitionState {
             saved_uncommitted: None,
             commit_in_flight: None,
             without_checkpoint: false,
+            claim: None,
         }
+    }
+
+    /// Queues the claim of an external reset (a checkpoint row) in `batch`; the
+    /// partition's rows wait until it is durable.
+    pub fn claim_reset(&mut self, partition: i32, claim: Checkpoint, batch: &mut WriteBatch) {
+        batch.checkpoints.push((partition, claim));
+        self.pending.push_back((batch.flush, claim));
+        self.unwritten.insert(batch.flush);
+        self.saved_uncommitted = Some(claim.next_offset);
+        self.claim = Some(batch.flush);
     }
 
     /// Adds this partition's flush to `batch`. `last`: the flush of a revoke, whose
@@ -108,7 +127,14 @@ impl PartitionState {
                     .back()
                     .is_some_and(|(_, pending)| *pending == checkpoint);
             let one_at_a_time = last || self.saved_uncommitted.is_none();
-            if self.advances(&checkpoint) && one_at_a_time && !already_saved {
+            // A checkpoint row promises that everything before it is done, dead
+            // letters included: a group without a commit resumes from the store's
+            // latest row, so a row past an unacknowledged letter would skip it.
+            if self.advances(&checkpoint)
+                && one_at_a_time
+                && !already_saved
+                && !self.blocked_by_letters(&checkpoint)
+            {
                 batch.checkpoints.push((partition, checkpoint));
                 self.pending.push_back((flush, checkpoint));
                 self.saved_uncommitted = Some(checkpoint.next_offset);
@@ -125,6 +151,9 @@ impl PartitionState {
     pub fn on_written(&mut self, flush: FlushId) {
         if !self.unwritten.remove(&flush) {
             return;
+        }
+        if self.claim == Some(flush) {
+            self.claim = None;
         }
         let oldest_unwritten = self.unwritten.first().copied();
         while let Some(&(pending_flush, checkpoint)) = self.pending.front() {
@@ -154,10 +183,33 @@ impl PartitionState {
         Some(checkpoint)
     }
 
+    /// True while a letter that a resume from `checkpoint` would not send again is
+    /// unacknowledged: one before its offset, or an overflow in a window it holds final.
     fn blocked_by_letters(&self, checkpoint: &Checkpoint) -> bool {
-        self.letters
+        let skipped = self
+            .letters
             .first()
-            .is_some_and(|&offset| offset < checkpoint.next_offset)
+            .is_some_and(|&offset| offset < checkpoint.next_offset);
+        let judged_final = checkpoint.closed_through_ms.is_some_and(|closed| {
+            self.overflow_letters
+                .values()
+                .any(|&window_end| window_end <= closed)
+        });
+        skipped || judged_final
+    }
+
+    /// A letter for the record at `offset` was sent; `overflow_window_end` for
+    /// `sum_overflow` letters.
+    pub fn letter_sent(&mut self, offset: i64, overflow_window_end: Option<i64>) {
+        self.letters.insert(offset);
+        if let Some(end) = overflow_window_end {
+            self.overflow_letters.insert(offset, end);
+        }
+    }
+
+    pub fn letter_acked(&mut self, offset: i64) {
+        self.letters.remove(&offset);
+        self.overflow_letters.remove(&offset);
     }
 
     /// Forward only; an offset without Tally state may be recommitted with it.
@@ -199,9 +251,7 @@ impl PartitionState {
         let commit = self.committable();
         let why = if !self.unwritten.is_empty() {
             Some(HandOver::FlushNotDurable)
-        } else if self.durable.is_some_and(|checkpoint| {
-            self.advances(&checkpoint) && self.blocked_by_letters(&checkpoint)
-        }) {
+        } else if !self.letters.is_empty() {
             Some(HandOver::LettersUnacknowledged)
         } else if self.without_checkpoint {
             Some(HandOver::NoCheckpoint)

@@ -144,6 +144,7 @@ pub fn plan_from_time(
                     PlannedCommit::Checkpoint(Checkpoint {
                         generation,
                         settings: Some(settings),
+                        external_reset: false,
                         ..current
                     })
                 } else {
@@ -155,6 +156,7 @@ pub fn plan_from_time(
                             .map(|closed| closed.min(window_start_ms)),
                         generation,
                         settings: Some(settings),
+                        external_reset: false,
                     })
                 }
             }
@@ -173,6 +175,7 @@ pub fn plan_from_time(
                         closed_through_ms: Some(window_start_ms),
                         generation,
                         settings: Some(settings),
+                        external_reset: false,
                     })
                 }
             }
@@ -244,6 +247,7 @@ mod tests {
             closed_through_ms: closed,
             generation,
             settings: Some(TEN_S),
+            external_reset: false,
         }
     }
 
@@ -305,6 +309,7 @@ mod tests {
                     closed_through_ms: Some(30),
                     generation: 1,
                     settings: Some(TEN_S),
+                    external_reset: false,
                 })
             )]
         );

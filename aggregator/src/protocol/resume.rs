@@ -4,7 +4,8 @@
 //! The rules, in order (DESIGN.md, "Offsets, replay and exactly-once effect"):
 //! 1. A commit whose metadata is Tally's checkpoint for that offset: resume from it.
 //! 2. A commit without usable metadata (a broker that drops it, like tansu) for which
-//!    the store holds the checkpoint saved for exactly that offset: resume from that.
+//!    the store holds the checkpoint saved for exactly that offset by the newest run
+//!    (no higher generation in the store): resume from that.
 //! 3. A commit without Tally state anywhere: an offset reset by other tools (or
 //!    `tally replay --from-offset`): an external reset at that offset, with a
 //!    generation above every one the store has seen for the partition.
@@ -13,6 +14,10 @@
 //!    had it, never from the log's start (which would rebuild open windows partially
 //!    and, with a higher through-offset, overwrite more complete rows).
 //! 5. Nothing anywhere: a new partition, from its first record, generation 0.
+//!
+//! A checkpoint that is an external reset's claim ([`Checkpoint::external_reset`],
+//! saved before any row of the reset's generation) resumes as that same reset, with
+//! the claimed generation.
 //!
 //! `tally replay` resolves the group's current state with the same function, so the
 //! aggregator and the replay never disagree about where a partition stands.
@@ -94,6 +99,22 @@ impl ResumeDecision {
 
 /// Decides where a partition resumes; see the module documentation.
 pub fn decide(committed: &CommittedOffset, store: StoreCheckpoints) -> ResumeDecision {
+    let decision = decide_source(committed, store);
+    match decision.resume {
+        // A saved reset claim resumes as that very reset, with its claimed generation.
+        Resume::Checkpoint(checkpoint) if checkpoint.external_reset => ResumeDecision {
+            resume: Resume::ExternalReset {
+                next_offset: checkpoint.next_offset,
+                generation: checkpoint.generation,
+            },
+            start: StartAt::Offset(checkpoint.next_offset),
+            source: ResumeSource::ExternalReset,
+        },
+        _ => decision,
+    }
+}
+
+fn decide_source(committed: &CommittedOffset, store: StoreCheckpoints) -> ResumeDecision {
     match committed {
         CommittedOffset::At { offset, metadata } => {
             if let Ok(checkpoint) = Checkpoint::from_metadata(metadata, *offset) {
@@ -103,7 +124,17 @@ pub fn decide(committed: &CommittedOffset, store: StoreCheckpoints) -> ResumeDec
                     source: ResumeSource::CommitMetadata,
                 };
             }
-            if let Some(exact) = store.exact.filter(|c| c.next_offset == *offset) {
+            // Only the newest run's checkpoint: an older generation's row at the same
+            // offset belongs to a run that a later reset or replay abandoned.
+            let newest = |c: &Checkpoint| {
+                store
+                    .latest
+                    .is_none_or(|latest| c.generation >= latest.generation)
+            };
+            if let Some(exact) = store
+                .exact
+                .filter(|c| c.next_offset == *offset && newest(c))
+            {
                 return ResumeDecision {
                     resume: Resume::Checkpoint(exact),
                     start: StartAt::Offset(*offset),
@@ -150,7 +181,51 @@ mod tests {
             closed_through_ms: Some(90),
             generation,
             settings: None,
+            external_reset: false,
         }
+    }
+
+    #[test]
+    fn a_saved_reset_claim_resumes_as_that_reset_with_its_generation() {
+        let claim = Checkpoint::reset_claim(12, 6, None);
+        for (committed, store) in [
+            (
+                CommittedOffset::At {
+                    offset: 12,
+                    metadata: String::new(),
+                },
+                StoreCheckpoints {
+                    exact: Some(claim),
+                    latest: Some(claim),
+                },
+            ),
+            (
+                CommittedOffset::At {
+                    offset: 12,
+                    metadata: claim.to_metadata(),
+                },
+                StoreCheckpoints::default(),
+            ),
+            (
+                CommittedOffset::None,
+                StoreCheckpoints {
+                    exact: None,
+                    latest: Some(claim),
+                },
+            ),
+        ] {
+            let decision = decide(&committed, store);
+            assert_eq!(decision.source, ResumeSource::ExternalReset);
+            assert_eq!(
+                decision.resume,
+                Resume::ExternalReset {
+                    next_offset: 12,
+                    generation: 6
+                }
+            );
+        }
+        // The next reset elsewhere picks a generation above the claim.
+        assert_eq!(next_generation(Some(claim)), 7);
     }
 
     #[test]
@@ -188,6 +263,24 @@ mod tests {
             assert_eq!(decision.source, ResumeSource::StoreCheckpoint, "{metadata}");
             assert_eq!(decision.resume, Resume::Checkpoint(exact));
         }
+    }
+
+    #[test]
+    fn an_older_runs_checkpoint_at_the_reset_offset_is_not_resumed() {
+        // A reset lands on an offset where an abandoned run (generation 3) once saved
+        // a checkpoint; the newest run is generation 5.
+        let decision = decide(
+            &CommittedOffset::At {
+                offset: 9,
+                metadata: String::new(),
+            },
+            StoreCheckpoints {
+                exact: Some(checkpoint(9, 3)),
+                latest: Some(Checkpoint::reset_claim(8, 5, None)),
+            },
+        );
+        assert_eq!(decision.source, ResumeSource::ExternalReset);
+        assert_eq!(decision.generation(), 6);
     }
 
     #[test]

@@ -127,7 +127,9 @@ fn never_commits_past_an_unacknowledged_dead_letter() {
     protocol.handle(record(0, 2, 30, &good)); // closes [0, 10): checkpoint at 2
     let tick = protocol.handle(Event::FlushTick { now_ms: NOW });
     let batch = write_of(&tick);
-    assert_eq!(batch.checkpoints[0].1.next_offset, 2);
+    // Rows go out, but no checkpoint row: it would promise the letter is durable.
+    assert!(!batch.rows.is_empty());
+    assert!(batch.checkpoints.is_empty(), "{batch:?}");
     let written = protocol.handle(Event::Written { flush: batch.flush });
     assert!(
         commit_of(&written).is_none(),
@@ -143,8 +145,14 @@ fn never_commits_past_an_unacknowledged_dead_letter() {
     let tick = protocol.handle(Event::FlushTick { now_ms: NOW });
     assert_eq!(letters_of(&tick).len(), 1);
     assert!(commit_of(&tick).is_none());
-    let acked = protocol.handle(Event::LetterAcked { id: letter_id });
-    assert_eq!(commit_of(&acked).unwrap().0[0].1.next_offset, 2);
+    assert!(protocol
+        .handle(Event::LetterAcked { id: letter_id })
+        .is_empty());
+    // Now the checkpoint row is saved, and committed once durable.
+    let batch = write_of(&protocol.handle(Event::FlushTick { now_ms: NOW }));
+    assert_eq!(batch.checkpoints[0].1.next_offset, 2);
+    let written = protocol.handle(Event::Written { flush: batch.flush });
+    assert_eq!(commit_of(&written).unwrap().0[0].1.next_offset, 2);
     assert_eq!(protocol.stats().letters_acked.get("invalid_json"), Some(&1));
 }
 
@@ -310,11 +318,14 @@ fn a_revoke_with_unacknowledged_letters_hands_over_uncommitted() {
     let settled = protocol.handle(Event::RevokeSettled {
         partitions: vec![0],
     });
-    assert!(commit_of(&settled).is_none());
-    assert!(settled.contains(&Command::HandOverUncommitted {
-        partition: 0,
-        why: HandOver::LettersUnacknowledged
-    }));
+    assert!(commit_of(&settled).is_none(), "{settled:?}");
+    assert!(
+        settled.contains(&Command::HandOverUncommitted {
+            partition: 0,
+            why: HandOver::LettersUnacknowledged
+        }),
+        "{settled:?}"
+    );
     // Its letters no longer hold reading back.
     assert!(protocol.may_read());
 }
@@ -331,6 +342,7 @@ fn checkpoints_pinned_with_other_settings_stop_the_aggregator() {
             window_ms: 60,
             grace_ms: 2,
         }),
+        external_reset: false,
     };
     let commands = assigned(
         &mut protocol,
@@ -388,6 +400,7 @@ fn resumed_before_deleted_offsets(accept: bool) -> (Protocol, Checkpoint) {
         closed_through_ms: Some(90),
         generation: 2,
         settings: Some(config(accept).engine.sum_settings()),
+        external_reset: false,
     };
     let assign = assigned(
         &mut protocol,
@@ -462,20 +475,37 @@ fn accepted_loss_continues_as_an_external_reset_that_freezes_the_touched_windows
         log_end: 61_000,
     });
     assert_eq!(
-        commands,
-        vec![
-            Command::OffsetsLost {
-                partition: 0,
-                from: 100,
-                to: 13_406,
-                accepted: true
-            },
-            Command::Seek {
-                partition: 0,
-                offset: 13_406
-            }
-        ]
+        commands[0],
+        Command::OffsetsLost {
+            partition: 0,
+            from: 100,
+            to: 13_406,
+            accepted: true
+        }
     );
+    // The reset's generation is claimed before any of its rows, then reading
+    // continues at the log start.
+    let claim = write_of(&commands);
+    assert!(claim.rows.is_empty());
+    assert_eq!(
+        claim.checkpoints,
+        vec![(
+            0,
+            Checkpoint::reset_claim(
+                13_406,
+                committed.generation + 1,
+                Some(config(true).engine.sum_settings())
+            )
+        )]
+    );
+    assert_eq!(
+        commands[2],
+        Command::Seek {
+            partition: 0,
+            offset: 13_406
+        }
+    );
+    protocol.handle(Event::Written { flush: claim.flush });
     // The first record after the gap anchors the freeze: its window (and those
     // within the grace after it) are never rewritten with a partial sum.
     let value = body(1, 1);
@@ -509,26 +539,63 @@ fn a_log_behind_the_expected_offset_is_lost_too() {
 }
 
 #[test]
-fn an_external_reset_commits_its_first_checkpoint_even_at_the_reset_offset() {
+fn an_external_reset_claims_its_generation_before_writing_any_row() {
     let mut protocol = Protocol::new(config(false));
-    assigned(
-        &mut protocol,
-        vec![AssignedPartition {
-            partition: 0,
-            committed: CommittedOffset::At {
-                offset: 7,
-                metadata: String::new(),
-            },
-            store: StoreCheckpoints::default(),
-        }],
+    let reset_at = |protocol: &mut Protocol, offset: i64, latest: Option<Checkpoint>| {
+        assigned(
+            protocol,
+            vec![AssignedPartition {
+                partition: 0,
+                committed: CommittedOffset::At {
+                    offset,
+                    metadata: String::new(),
+                },
+                store: StoreCheckpoints {
+                    exact: None,
+                    latest,
+                },
+            }],
+        )
+    };
+    let assign = reset_at(&mut protocol, 7, None);
+    let claim = write_of(&assign);
+    let settings = Some(config(false).engine.sum_settings());
+    assert_eq!(claim.rows, vec![]);
+    assert_eq!(
+        claim.checkpoints,
+        vec![(0, Checkpoint::reset_claim(7, 1, settings))]
     );
+    // Until the claim is durable, no row of the new generation is written.
     let value = body(1, 1);
     protocol.handle(record(0, 7, 13, &value));
+    let tick = protocol.handle(Event::FlushTick { now_ms: NOW });
+    assert!(
+        tick.iter().all(|c| !matches!(c, Command::WriteRows(_))),
+        "{tick:?}"
+    );
+    // Durable: the claim is committed (it is the reset's state, with metadata).
+    let written = protocol.handle(Event::Written { flush: claim.flush });
+    let (offsets, _) = commit_of(&written).unwrap();
+    assert_eq!(offsets, vec![(0, Checkpoint::reset_claim(7, 1, settings))]);
+    protocol.handle(Event::CommitResult {
+        offsets: vec![(0, 7)],
+        ok: true,
+    });
     let batch = write_of(&protocol.handle(Event::FlushTick { now_ms: NOW }));
+    assert!(batch.rows.iter().all(|row| row.generation == 1));
     assert_eq!(batch.checkpoints[0].1.next_offset, 8);
-    assert_eq!(batch.checkpoints[0].1.generation, 1);
     let written = protocol.handle(Event::Written { flush: batch.flush });
     assert!(commit_of(&written).is_some());
+
+    // A second reset elsewhere, assigned before anything of the first was
+    // committed, still takes a higher generation: the claim is the store's latest.
+    let mut protocol = Protocol::new(config(false));
+    let claim = write_of(&reset_at(
+        &mut protocol,
+        30,
+        Some(Checkpoint::reset_claim(7, 1, settings)),
+    ));
+    assert_eq!(claim.checkpoints[0].1.generation, 2);
 }
 
 #[test]
