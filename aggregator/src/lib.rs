@@ -25,5 +25,5 @@ pub mod metrics;
 pub mod protocol;
 
 pub use config::AggregatorConfig;
-pub use consumer::{run, run_with_store};
+pub use consumer::{run, run_with_store, Health};
 pub use error::AggregatorError;
