@@ -37,7 +37,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::journal::{Claim, Coord, Done, Entry, Journal, SourceId, State, Void};
+use super::journal::{Claim, ClaimState, Coord, Done, Entry, Journal, SourceId, State, Void};
 
 /// A claim expires this many delivery timeouts after its claim time.
 pub const LEASE_TIMEOUTS: i64 = 3;
@@ -243,6 +243,8 @@ enum Phase {
     LookingUp {
         lookups: Vec<Command>,
         found: HashMap<SourceId, Coord>,
+        /// The expired claims being looked up, as decided before the lookups.
+        doubts: Vec<ClaimState>,
     },
     Resolving,
     ReadingResolution,
@@ -391,9 +393,16 @@ impl Run {
                 }
                 self.look_up(now_ms)
             }
-            (Phase::LookingUp { lookups, mut found }, Event::Found { found: more, .. }) => {
+            (
+                Phase::LookingUp {
+                    lookups,
+                    mut found,
+                    doubts,
+                },
+                Event::Found { found: more, .. },
+            ) => {
                 found.extend(more);
-                self.next_lookup(lookups, found, now_ms)
+                self.next_lookup(lookups, found, doubts)
             }
             (Phase::Resolving, Event::Appended { .. }) => {
                 self.phase = Phase::ReadingResolution;
@@ -518,14 +527,18 @@ impl Run {
         }
     }
 
-    /// Looks up the records of every expired claim (the journal was read after they
-    /// expired, and each lookup reads the partition's end after that).
+    /// Looks up the records of every claim expired by now (the journal was read after
+    /// they expired, and each lookup reads the partition's end after that). Only these
+    /// claims are resolved, however long the lookups take: a claim that expires
+    /// meanwhile was not looked up after its expiry.
     fn look_up(&mut self, now_ms: i64) -> Command {
         let mut by_partition: BTreeMap<i32, (i64, Vec<SourceId>)> = BTreeMap::new();
         let mut deferred = Vec::new();
-        for claim in self.journal.claims() {
-            let claim = &claim.claim;
+        let mut doubts = Vec::new();
+        for state in self.journal.claims() {
+            let claim = &state.claim;
             if claim.expires_ms <= now_ms {
+                doubts.push(state.clone());
                 let entry = by_partition
                     .entry(claim.target.partition)
                     .or_insert((claim.target.offset, Vec::new()));
@@ -549,29 +562,27 @@ impl Run {
                 }
             })
             .collect();
-        self.next_lookup(lookups, HashMap::new(), now_ms)
+        self.next_lookup(lookups, HashMap::new(), doubts)
     }
 
     fn next_lookup(
         &mut self,
         mut lookups: Vec<Command>,
         found: HashMap<SourceId, Coord>,
-        now_ms: i64,
+        mut doubts: Vec<ClaimState>,
     ) -> Command {
         if let Some(lookup) = lookups.pop() {
-            self.phase = Phase::LookingUp { lookups, found };
+            self.phase = Phase::LookingUp {
+                lookups,
+                found,
+                doubts,
+            };
             return lookup;
         }
-        // Every expired claim was looked up: done where found, void where not.
+        // Every claim in doubt was looked up: done where found, void where not.
         let mut entries = Vec::new();
-        let mut claims: Vec<_> = self
-            .journal
-            .claims()
-            .filter(|c| c.claim.expires_ms <= now_ms)
-            .cloned()
-            .collect();
-        claims.sort_by_key(|c| c.at);
-        for claim in claims {
+        doubts.sort_by_key(|c| c.at);
+        for claim in doubts {
             let source = claim.claim.source;
             match found.get(&source) {
                 Some(output) => {
@@ -1133,6 +1144,35 @@ mod tests {
         );
         assert_eq!(run.summary().claims_found, 1);
         assert_eq!(run.summary().claims_voided, 1);
+    }
+
+    /// Found by the property test: a claim that expires while the lookups run was not
+    /// looked up after its expiry, so it must not be voided.
+    #[test]
+    fn a_claim_expiring_during_the_lookups_is_left_alone() {
+        let mut run = Run::new(Settings {
+            max_wait_ms: 0,
+            ..settings()
+        });
+        let journal = vec![
+            (0, crashed_claim(1, 30, 5_000)),
+            (1, crashed_claim(2, 20, 9_000)),
+        ];
+        assert!(matches!(
+            run.on(read(journal, 2), 6_000),
+            Command::Lookup { .. }
+        ));
+        let Command::Append { entries } = run.on(
+            Event::Found {
+                partition: 0,
+                found: vec![],
+            },
+            10_000,
+        ) else {
+            panic!("resolution expected")
+        };
+        assert_eq!(entries.len(), 1);
+        assert!(matches!(&entries[0], Entry::Void(v) if v.claim_at == 0));
     }
 
     #[test]
