@@ -10,7 +10,7 @@
 //! the end, after one more run that is not interrupted: every source record with a
 //! letter is on the input topic exactly once, and the journal says so.
 //!
-//! `TALLY_REDRIVE_SIM_CASES` raises the number of histories (default 300).
+//! `TALLY_REDRIVE_SIM_CASES` raises the number of histories (default 1000).
 
 use std::collections::HashMap;
 
@@ -308,8 +308,15 @@ impl World {
         for (source, n) in self.copies_on_input() {
             assert!(
                 n <= 1,
-                "{source} re-driven {n} times\nhistory:\n{}",
-                history.join("\n")
+                "{source} re-driven {n} times\nhistory:\n{}\njournal:\n{}\ninput: {:?}",
+                history.join("\n"),
+                self.journal
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| format!("{i}: {e:?}"))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                self.input
             );
         }
     }
@@ -499,7 +506,7 @@ fn cases() -> u32 {
     std::env::var("TALLY_REDRIVE_SIM_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+        .unwrap_or(1000)
 }
 
 proptest! {
