@@ -624,10 +624,15 @@ fn redrive(args: &RedriveArgs) -> anyhow::Result<()> {
     let exists = journal_exists(&consumer, journal)?;
     if !exists && !args.dry_run {
         create_journal(&common.brokers, journal)?;
-        anyhow::ensure!(
-            journal_exists(&consumer, journal)?,
-            "the re-drive journal {journal} was created but is not visible yet; run again"
-        );
+        // A new topic takes a moment to show in every broker's metadata.
+        let until = Instant::now() + KAFKA_TIMEOUT;
+        while !journal_exists(&consumer, journal)? {
+            anyhow::ensure!(
+                Instant::now() < until,
+                "the re-drive journal {journal} was created but is not visible yet; run again"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
     let producer = if args.dry_run {
         None
