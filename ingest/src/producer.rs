@@ -321,14 +321,12 @@ impl RecordProducer {
                 key: REQUEST_ID_HEADER,
                 value: Some(request_id.as_bytes()),
             });
-            let record = BaseRecord::with_opaque_to(
-                &self.topic,
-                Box::new(PendingDelivery { reply, slot }),
-            )
-            .key(key.as_str())
-            .payload(value.as_str())
-            .timestamp(accepted_at_ms)
-            .headers(headers);
+            let record =
+                BaseRecord::with_opaque_to(&self.topic, Box::new(PendingDelivery { reply, slot }))
+                    .key(key.as_str())
+                    .payload(value.as_str())
+                    .timestamp(accepted_at_ms)
+                    .headers(headers);
             match producer.send(record) {
                 Ok(()) => deliveries.push(delivery),
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
