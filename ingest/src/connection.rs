@@ -86,7 +86,8 @@ impl<T: AsyncWrite + Unpin> HttpLayerErrors<T> {
             request_id = request_id.as_str(),
             "request refused by the HTTP parser"
         );
-        let answer = responses::error_http_bytes(&error, &request_id, bare.date.as_deref());
+        let answer =
+            responses::error_http_bytes(bare.version, &error, &request_id, bare.date.as_deref());
         self.replacement = Some((answer, 0));
         match self.poll_replacement(cx) {
             Poll::Ready(Err(error)) => Some(Err(error)),
@@ -98,6 +99,8 @@ impl<T: AsyncWrite + Unpin> HttpLayerErrors<T> {
 
 /// One of hyper's own error answers, as it starts a write.
 struct BareErrorHead {
+    /// `HTTP/1.1`, or `HTTP/1.0` on a connection whose earlier requests were 1.0.
+    version: &'static str,
     status: StatusCode,
     /// Bytes of the head, `\r\n\r\n` included.
     length: usize,
@@ -107,10 +110,15 @@ struct BareErrorHead {
 impl BareErrorHead {
     fn parse(bytes: &[u8]) -> Option<BareErrorHead> {
         // Cheap test first: this runs on every write of the connection.
-        let status = match bytes.get(..13)? {
-            b"HTTP/1.1 400 " => StatusCode::BAD_REQUEST,
-            b"HTTP/1.1 414 " => StatusCode::URI_TOO_LONG,
-            b"HTTP/1.1 431 " => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        let version = match bytes.get(..9)? {
+            b"HTTP/1.1 " => "HTTP/1.1",
+            b"HTTP/1.0 " => "HTTP/1.0",
+            _ => return None,
+        };
+        let status = match bytes.get(9..13)? {
+            b"400 " => StatusCode::BAD_REQUEST,
+            b"414 " => StatusCode::URI_TOO_LONG,
+            b"431 " => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             _ => return None,
         };
         let mut headers = [httparse::EMPTY_HEADER; 8];
@@ -136,6 +144,7 @@ impl BareErrorHead {
             }
         }
         empty_body.then_some(BareErrorHead {
+            version,
             status,
             length,
             date,
@@ -222,11 +231,20 @@ mod tests {
     fn recognises_only_bare_error_heads() {
         let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Tue, 01 Dec 2026 10:06:49 GMT\r\n\r\n";
         let head = BareErrorHead::parse(bare).unwrap();
+        assert_eq!(head.version, "HTTP/1.1");
         assert_eq!(head.status, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         assert_eq!(head.length, bare.len());
         assert_eq!(
             head.date.as_deref(),
             Some(&b"Tue, 01 Dec 2026 10:06:49 GMT"[..])
+        );
+        // After an HTTP/1.0 keep-alive request hyper answers in HTTP/1.0, without
+        // `connection: close` (found by the http_request fuzz target).
+        let bare_1_0 = b"HTTP/1.0 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+        let head = BareErrorHead::parse(bare_1_0).unwrap();
+        assert_eq!(
+            (head.version, head.status),
+            ("HTTP/1.0", StatusCode::BAD_REQUEST)
         );
         for not_bare in [
             // The handler's answers carry the request id.

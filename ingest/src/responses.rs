@@ -83,10 +83,11 @@ pub(crate) fn error(error: &IngestError, request_id: &RequestId) -> Response<Ful
     response
 }
 
-/// The same JSON error answer as raw HTTP/1.1 bytes, for the answers written beneath
-/// hyper (`connection.rs`); it ends the connection. `date` is copied from the answer
-/// it replaces.
+/// The same JSON error answer as raw HTTP/1.x bytes, for the answers written beneath
+/// hyper (`connection.rs`); it ends the connection. `version` and `date` are those of
+/// the answer it replaces.
 pub(crate) fn error_http_bytes(
+    version: &str,
     error: &IngestError,
     request_id: &RequestId,
     date: Option<&[u8]>,
@@ -94,7 +95,8 @@ pub(crate) fn error_http_bytes(
     let body = error_body(error, request_id);
     let status = error.status();
     let mut bytes = Vec::with_capacity(body.len() + 256);
-    bytes.extend_from_slice(b"HTTP/1.1 ");
+    bytes.extend_from_slice(version.as_bytes());
+    bytes.push(b' ');
     bytes.extend_from_slice(status.as_str().as_bytes());
     bytes.push(b' ');
     bytes.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
