@@ -97,6 +97,7 @@
 
 pub mod config;
 pub mod error;
+pub mod offline;
 
 mod auth;
 mod connection;

@@ -91,3 +91,20 @@ fn an_empty_batch_is_refused_by_schema_and_decoder_alike() {
         Err(BatchRejection::Empty)
     );
 }
+
+/// The codes the fuzz checks accept (`offline::ERROR_CODES`) are exactly the codes
+/// `openapi.yaml` documents.
+#[test]
+fn every_error_code_is_documented() {
+    let openapi: Value = serde_yaml_ng::from_str(&repo_file("openapi.yaml")).unwrap();
+    let documented: std::collections::BTreeSet<&str> = openapi["components"]["schemas"]
+        ["ErrorCode"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|code| code.as_str().unwrap())
+        .collect();
+    let known: std::collections::BTreeSet<&str> =
+        tally_ingest::offline::ERROR_CODES.iter().copied().collect();
+    assert_eq!(documented, known);
+}
