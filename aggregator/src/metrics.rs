@@ -42,8 +42,9 @@ pub struct AggregatorMetrics {
     pub assigned_partitions: IntGauge,
     /// Revoked partitions handed over without a commit (the next owner replays).
     pub handovers: IntCounter,
-    /// Dead-letter deliveries that failed, by kind: transient (retried), permanent
-    /// (the aggregator stops).
+    /// Dead-letter deliveries that failed, by kind: `transient` (retried) or why the
+    /// letter can never be delivered (`too_large`, `topic_missing`, … : the aggregator
+    /// stops).
     pub dlq_failures: IntCounterVec,
     /// Offsets that vanished before they were read (retention), per partition.
     pub lost_offsets: IntCounterVec,
@@ -190,7 +191,7 @@ impl AggregatorMetrics {
         let dlq_failures = IntCounterVec::new(
             Opts::new(
                 "tally_aggregator_dlq_failures_total",
-                "Dead-letter deliveries that failed, by kind (transient, permanent)",
+                "Dead-letter deliveries that failed, by kind (transient, or why never deliverable)",
             ),
             &["kind"],
         )?;
@@ -230,8 +231,9 @@ impl AggregatorMetrics {
         for result in ["ok", "error"] {
             commits.with_label_values(&[result]);
         }
-        for kind in ["transient", "permanent"] {
-            dlq_failures.with_label_values(&[kind]);
+        dlq_failures.with_label_values(&["transient"]);
+        for kind in tally_sink::dlq::Undeliverable::ALL {
+            dlq_failures.with_label_values(&[kind.code()]);
         }
         let outcomes = OutcomeCounters::new(&records);
         Ok(AggregatorMetrics {

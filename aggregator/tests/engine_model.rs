@@ -975,9 +975,9 @@ impl<'a> Sim<'a> {
                 };
                 match command {
                     Command::Assign { positions } => {
-                        for (partition, start) in positions {
+                        for (partition, decision) in positions {
                             let log = &logs[partition as usize];
-                            let index = match start {
+                            let index = match decision.start {
                                 StartAt::Beginning => 0,
                                 StartAt::Offset(offset) => {
                                     log.partition_point(|r| r.offset < offset)

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use tally_sink::dlq::{DeadLetter, DeadLetterProducer};
-use tally_sink::SinkError;
 use tracing::{error, warn};
 
 use super::shell::Shell;
@@ -45,17 +44,19 @@ impl DeadLetters {
             let event = match result {
                 Ok(()) => Event::LetterAcked { id },
                 Err(err) => {
-                    let permanent = is_permanent(&err);
-                    let kind = if permanent { "permanent" } else { "transient" };
+                    // Too large, topic missing, not authorised: retrying would block
+                    // the partition forever, so the protocol stops the aggregator.
+                    let undeliverable = err.undeliverable();
+                    let kind = undeliverable.map_or("transient", |kind| kind.code());
                     shell.metrics.dlq_failures.with_label_values(&[kind]).inc();
-                    if permanent {
-                        error!(%err, partition = letter.partition, offset = letter.offset, "dead letter can never be delivered");
+                    if undeliverable.is_some() {
+                        error!(%err, kind, partition = letter.partition, offset = letter.offset, "dead letter can never be delivered");
                     } else {
                         warn!(%err, partition = letter.partition, offset = letter.offset, "dead letter not acknowledged; retried at the next flush");
                     }
                     Event::LetterFailed {
                         id,
-                        permanent,
+                        permanent: undeliverable.is_some() || !err.is_retryable(),
                         error: err.to_string(),
                     }
                 }
@@ -64,10 +65,4 @@ impl DeadLetters {
             shell.progress.notify_waiters();
         });
     }
-}
-
-/// A failure retrying cannot fix (too large for the topic, topic missing, not
-/// authorised): the aggregator stops instead of retrying forever.
-fn is_permanent(err: &SinkError) -> bool {
-    !err.is_retryable()
 }

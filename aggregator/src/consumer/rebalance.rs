@@ -182,7 +182,8 @@ impl AggregatorContext {
         for command in commands {
             match command {
                 Command::Assign { positions: decided } => {
-                    for (partition, start) in decided {
+                    for (partition, decision) in decided {
+                        let start = decision.start;
                         let offset = match start {
                             StartAt::Beginning => Offset::Beginning,
                             StartAt::Offset(offset) => Offset::Offset(offset),
@@ -194,7 +195,7 @@ impl AggregatorContext {
                                 "partition {partition}: cannot set its start: {err}"
                             ));
                         }
-                        info!(partition, ?start, "assigned");
+                        info!(partition, resume = ?decision.resume, source = ?decision.source, "assigned");
                     }
                 }
                 other => rest.push(other),

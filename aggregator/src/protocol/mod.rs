@@ -206,9 +206,10 @@ pub enum HandOver {
 /// What the shell must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
-    /// Start reading the assigned partitions at these positions.
+    /// Start reading the assigned partitions where these decisions say
+    /// ([`ResumeDecision::start`]).
     Assign {
-        positions: Vec<(i32, StartAt)>,
+        positions: Vec<(i32, ResumeDecision)>,
     },
     WriteRows(WriteBatch),
     SendLetter {
@@ -730,7 +731,7 @@ impl Protocol {
                 state.claim_reset(partition.partition, claim, &mut claims);
             }
             self.partitions.insert(partition.partition, state);
-            positions.push((partition.partition, decision.start));
+            positions.push((partition.partition, decision));
         }
         let paused: Vec<i32> = positions.iter().map(|(p, _)| *p).collect();
         out.push(Command::Assign { positions });
