@@ -230,7 +230,7 @@ fn referenced_expressions() -> Vec<(String, String)> {
     let config = parse_yaml(&read_repo_file("prometheus.yml"), "prometheus.yml");
     let rule_files = config
         .get("rule_files")
-        .and_then(serde_yaml_ng::Value::as_sequence)
+        .and_then(yaml_serde::Value::as_sequence)
         .cloned()
         .unwrap_or_default();
     for file in rule_files {

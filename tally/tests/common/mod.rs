@@ -29,9 +29,9 @@ pub fn tally_bin() -> &'static str {
 }
 
 /// Parses YAML into a value with `<<` merge keys applied (docker compose uses them).
-pub fn parse_yaml(text: &str, what: &str) -> serde_yaml_ng::Value {
-    let mut value: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(text).unwrap_or_else(|err| panic!("{what} is not YAML: {err}"));
+pub fn parse_yaml(text: &str, what: &str) -> yaml_serde::Value {
+    let mut value: yaml_serde::Value =
+        yaml_serde::from_str(text).unwrap_or_else(|err| panic!("{what} is not YAML: {err}"));
     value
         .apply_merge()
         .unwrap_or_else(|err| panic!("{what}: merge keys: {err}"));
@@ -51,6 +51,8 @@ pub struct DevProcess {
     pub metrics_path: String,
     /// The printed `ui:` URL (the live page), if any.
     pub ui: Option<String>,
+    /// The printed `kafka:` bootstrap servers, if any.
+    pub kafka: Option<String>,
     /// Every line printed on stdout up to `ready`.
     pub banner: Vec<String>,
     stderr_path: PathBuf,
@@ -92,6 +94,7 @@ impl DevProcess {
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_path: String::new(),
             ui: None,
+            kafka: None,
             banner: Vec::new(),
             stderr_path,
             _dir: dir,
@@ -126,6 +129,8 @@ impl DevProcess {
                 metrics = Some(url.trim().to_owned());
             } else if let Some(url) = line.strip_prefix("ui: ") {
                 process.ui = Some(url.trim().to_owned());
+            } else if let Some(servers) = line.strip_prefix("kafka: ") {
+                process.kafka = Some(servers.trim().to_owned());
             } else if line.trim() == "ready" {
                 break;
             }
