@@ -125,7 +125,7 @@ pub struct ScyllaArgs {
         requires = "scylla_password_source"
     )]
     pub scylla_username: Option<String>,
-    /// ScyllaDB password (prefer the env var or --scylla-password-file).
+    /// ScyllaDB password; prefer the env var or a password file, which the process list does not show.
     #[arg(
         long,
         env = "TALLY_SCYLLA_PASSWORD",
