@@ -269,8 +269,11 @@ mod tests {
         assert!(IngestMetrics::register(&registry).is_err());
     }
 
-    /// `(family, labels)` of every sample a fresh registry exports, with its value.
-    fn samples(registry: &Registry) -> Vec<(String, Vec<(String, String)>, f64)> {
+    /// One exported sample: family name, label pairs, value.
+    type Sample = (String, Vec<(String, String)>, f64);
+
+    /// Every counter and gauge sample the registry exports.
+    fn samples(registry: &Registry) -> Vec<Sample> {
         let mut out = Vec::new();
         for family in registry.gather() {
             for metric in family.get_metric() {
@@ -290,11 +293,7 @@ mod tests {
         out
     }
 
-    fn has_series(
-        samples: &[(String, Vec<(String, String)>, f64)],
-        family: &str,
-        label: (&str, &str),
-    ) -> bool {
+    fn has_series(samples: &[Sample], family: &str, label: (&str, &str)) -> bool {
         samples.iter().any(|(name, labels, value)| {
             name == family
                 && *value == 0.0
