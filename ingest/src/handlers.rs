@@ -275,14 +275,13 @@ async fn dispatch(
                 .map_err(|_| timed_out())
         }
         Route::Ui => {
-            require_get(request.method())?;
+            require_get(&head.method)?;
             // Static files only (the page reads its data through `/v1/windows` and
             // `/metrics`, which keep their own checks), so no auth or rate limit here.
             let Some(read_handler) = &state.read_handler else {
                 return Err(IngestError::NotFound);
             };
-            let (parts, _body) = request.into_parts();
-            tokio::time::timeout_at(deadline, read_handler(Request::from_parts(parts, ())))
+            tokio::time::timeout_at(deadline, read_handler(Request::from_parts(head, ())))
                 .await
                 .map_err(|_| timed_out())
         }
