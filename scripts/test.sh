@@ -31,6 +31,24 @@ if [ "${#missing[@]}" -gt 0 ]; then
   apt_install build-essential perl pkg-config zlib1g-dev
 fi
 
+# docker-compose.yml, validated by a real compose implementation: Debian's
+# docker-compose (1.29) checks the file against the compose schema with `config -q`,
+# which needs no Docker daemon. tally/tests/compose_config.rs then checks what only
+# this project can (flags, env vars, scrape targets, mounted files).
+if ! command -v docker-compose >/dev/null 2>&1; then
+  echo "installing docker-compose"
+  apt_install docker-compose
+fi
+echo "== docker-compose config -q"
+docker-compose --project-directory . -f docker-compose.yml config -q
+
+# The live page is tested in a real browser: tally/tests/ui_browser.rs drives
+# Debian's headless Chromium (and fails, never skips, without it).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium"
+  apt_install chromium
+fi
+
 echo "== cargo test --workspace --locked"
 log=$(mktemp)
 set +e

@@ -258,4 +258,150 @@ impl AggregatorMetrics {
             lost_offsets,
         })
     }
+
+    /// Creates every partition-labelled series of `partition` (lag, commit lag, late
+    /// letters, watermark lag), so a dashboard sees the partition from its assignment
+    /// on, at 0, instead of from its first record. The consumer calls it on assign.
+    pub fn track_partition(&self, partition: i32) {
+        let label = partition.to_string();
+        let labels = [label.as_str()];
+        self.consumer_lag.with_label_values(&labels);
+        self.commit_lag.with_label_values(&labels);
+        self.late_by_partition.with_label_values(&labels);
+        self.watermark_lag.with_label_values(&labels);
+    }
+
+    /// Drops the series of a partition this instance no longer owns (on revoke), so
+    /// its last lag is not reported forever; the new owner reports it from then on.
+    /// The late-letter counter is kept: it is a total, and a counter that vanished
+    /// and came back would read as a reset.
+    pub fn forget_partition(&self, partition: i32) {
+        let label = partition.to_string();
+        let labels = [label.as_str()];
+        // An error only means the series did not exist.
+        let _ = self.consumer_lag.remove_label_values(&labels);
+        let _ = self.commit_lag.remove_label_values(&labels);
+        let _ = self.watermark_lag.remove_label_values(&labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// `(family, label pairs)` of every exported series.
+    fn series(registry: &Registry) -> Vec<(String, Vec<(String, String)>)> {
+        registry
+            .gather()
+            .iter()
+            .flat_map(|family| {
+                family.get_metric().iter().map(|metric| {
+                    let labels = metric
+                        .get_label()
+                        .iter()
+                        .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
+                        .collect();
+                    (family.name().to_owned(), labels)
+                })
+            })
+            .collect()
+    }
+
+    fn has(series: &[(String, Vec<(String, String)>)], family: &str, label: (&str, &str)) -> bool {
+        series.iter().any(|(name, labels)| {
+            name == family
+                && labels
+                    .iter()
+                    .any(|(key, value)| key == label.0 && value == label.1)
+        })
+    }
+
+    #[test]
+    fn bounded_labels_are_exported_at_zero_from_startup() {
+        let registry = Registry::new();
+        let _metrics = AggregatorMetrics::new(&registry).unwrap();
+        let series = series(&registry);
+        for outcome in [
+            "counted",
+            "already_final",
+            "poison",
+            "late",
+            "future_timestamp",
+            "sum_overflow",
+            "invalid_timestamp",
+        ] {
+            assert!(
+                has(
+                    &series,
+                    "tally_aggregator_records_total",
+                    ("outcome", outcome)
+                ),
+                "{outcome}"
+            );
+        }
+        for reason in tally_schemas::RejectReason::ALL {
+            assert!(has(
+                &series,
+                "tally_aggregator_dlq_writes_total",
+                ("reason", reason.code())
+            ));
+        }
+        for kind in ["provisional", "final"] {
+            assert!(has(
+                &series,
+                "tally_aggregator_rows_written_total",
+                ("kind", kind)
+            ));
+        }
+        for result in ["ok", "error"] {
+            assert!(has(
+                &series,
+                "tally_aggregator_commits_total",
+                ("result", result)
+            ));
+        }
+        // Every value is 0 before anything happened.
+        for family in registry.gather() {
+            for metric in family.get_metric() {
+                assert_eq!(metric.get_counter().get_value(), 0.0, "{}", family.name());
+            }
+        }
+    }
+
+    #[test]
+    fn partition_series_follow_assignment() {
+        let registry = Registry::new();
+        let metrics = AggregatorMetrics::new(&registry).unwrap();
+        let families = [
+            "tally_aggregator_consumer_lag",
+            "tally_aggregator_commit_lag",
+            "tally_aggregator_late_records_total",
+            "tally_aggregator_watermark_lag_seconds",
+        ];
+        assert!(families
+            .iter()
+            .all(|family| !has(&series(&registry), family, ("partition", "3"))));
+        metrics.track_partition(3);
+        let assigned = series(&registry);
+        for family in families {
+            assert!(has(&assigned, family, ("partition", "3")), "{family}");
+        }
+        metrics.late_by_partition.with_label_values(&["3"]).inc();
+        metrics.forget_partition(3);
+        let revoked = series(&registry);
+        for family in &families[..2] {
+            assert!(!has(&revoked, family, ("partition", "3")), "{family}");
+        }
+        assert!(!has(
+            &revoked,
+            "tally_aggregator_watermark_lag_seconds",
+            ("partition", "3")
+        ));
+        // The late total survives the revoke (no false counter reset).
+        assert_eq!(metrics.late_by_partition.with_label_values(&["3"]).get(), 1);
+        // Forgetting twice, or an unknown partition, is harmless.
+        metrics.forget_partition(3);
+        metrics.forget_partition(99);
+    }
 }

@@ -57,17 +57,20 @@ pub(crate) enum Route {
     Readyz,
     Metrics,
     Windows,
+    /// The playground's live page and its static files (`/ui`, `/ui/...`).
+    Ui,
     Unknown,
 }
 
 impl Route {
-    pub(crate) const ALL: [Route; 7] = [
+    pub(crate) const ALL: [Route; 8] = [
         Route::Increment,
         Route::Increments,
         Route::Healthz,
         Route::Readyz,
         Route::Metrics,
         Route::Windows,
+        Route::Ui,
         Route::Unknown,
     ];
 
@@ -79,6 +82,7 @@ impl Route {
             "/readyz" => Route::Readyz,
             "/metrics" => Route::Metrics,
             _ if path == "/v1/windows" || path.starts_with("/v1/windows/") => Route::Windows,
+            _ if path == "/ui" || path.starts_with("/ui/") => Route::Ui,
             _ => Route::Unknown,
         }
     }
@@ -91,6 +95,7 @@ impl Route {
             Route::Readyz => "readyz",
             Route::Metrics => "metrics",
             Route::Windows => "windows",
+            Route::Ui => "ui",
             Route::Unknown => "unknown",
         }
     }
@@ -265,6 +270,17 @@ async fn dispatch(
                 return Err(IngestError::NotFound);
             };
             // The read side needs the head only; a GET body is drained afterwards.
+            tokio::time::timeout_at(deadline, read_handler(Request::from_parts(head, ())))
+                .await
+                .map_err(|_| timed_out())
+        }
+        Route::Ui => {
+            require_get(&head.method)?;
+            // Static files only (the page reads its data through `/v1/windows` and
+            // `/metrics`, which keep their own checks), so no auth or rate limit here.
+            let Some(read_handler) = &state.read_handler else {
+                return Err(IngestError::NotFound);
+            };
             tokio::time::timeout_at(deadline, read_handler(Request::from_parts(head, ())))
                 .await
                 .map_err(|_| timed_out())
@@ -576,6 +592,9 @@ mod tests {
         assert_eq!(Route::of_path("/v1/windows/abc"), Route::Windows);
         assert_eq!(Route::of_path("/v1/windowsx"), Route::Unknown);
         assert_eq!(Route::of_path("/increment/"), Route::Unknown);
+        assert_eq!(Route::of_path("/ui"), Route::Ui);
+        assert_eq!(Route::of_path("/ui/app.js"), Route::Ui);
+        assert_eq!(Route::of_path("/uix"), Route::Unknown);
         for (index, route) in Route::ALL.into_iter().enumerate() {
             assert_eq!(route.index(), index);
         }

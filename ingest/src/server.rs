@@ -41,8 +41,9 @@ use crate::metrics::{GaugeGuard, IngestMetrics};
 use crate::producer::RecordProducer;
 use crate::rate_limit::RateLimiter;
 
-/// The read side plugged in by the `tally` binary: answers `GET /v1/windows/...`.
-/// It receives the request head (method, URI, headers) after auth and rate limiting.
+/// The read side plugged in by the `tally` binary: answers `GET /v1/windows/...`
+/// (after auth and rate limiting) and the live page's static files under `GET /ui`.
+/// It receives the request head (method, URI, headers).
 pub type ReadHandler =
     Arc<dyn Fn(http::Request<()>) -> BoxFuture<'static, http::Response<Full<Bytes>>> + Send + Sync>;
 

@@ -33,7 +33,7 @@ fn body(value: &str) -> String {
 fn value_schemas() -> Vec<(&'static str, Value)> {
     let json_schema: Value =
         serde_json::from_str(&repo_file("schemas/increment.schema.json")).unwrap();
-    let openapi: Value = serde_yaml_ng::from_str(&repo_file("openapi.yaml")).unwrap();
+    let openapi: Value = yaml_serde::from_str(&repo_file("openapi.yaml")).unwrap();
     vec![
         (
             "schemas/increment.schema.json",
@@ -75,7 +75,7 @@ fn the_stricter_integer_rule_is_documented_with_what_it_refuses() {
 
 #[test]
 fn an_empty_batch_is_refused_by_schema_and_decoder_alike() {
-    let openapi: Value = serde_yaml_ng::from_str(&repo_file("openapi.yaml")).unwrap();
+    let openapi: Value = yaml_serde::from_str(&repo_file("openapi.yaml")).unwrap();
     let batch = &openapi["paths"]["/increments"]["post"]["requestBody"]["content"];
     assert_eq!(batch["application/json"]["schema"]["minItems"], 1);
     let codes = openapi["components"]["schemas"]["ErrorCode"]["enum"]
@@ -96,7 +96,7 @@ fn an_empty_batch_is_refused_by_schema_and_decoder_alike() {
 /// `openapi.yaml` documents.
 #[test]
 fn every_error_code_is_documented() {
-    let openapi: Value = serde_yaml_ng::from_str(&repo_file("openapi.yaml")).unwrap();
+    let openapi: Value = yaml_serde::from_str(&repo_file("openapi.yaml")).unwrap();
     let documented: std::collections::BTreeSet<&str> = openapi["components"]["schemas"]
         ["ErrorCode"]["enum"]
         .as_array()

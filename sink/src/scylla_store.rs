@@ -158,12 +158,18 @@ impl ScyllaStore {
             return Err(SinkError::Config("no ScyllaDB node given".into()));
         }
 
-        let session = SessionBuilder::new()
+        let builder = SessionBuilder::new()
             .known_nodes(nodes)
-            .connection_timeout(CONNECT_TIMEOUT)
-            .build()
-            .await
-            .map_err(new_session_error)?;
+            .connection_timeout(CONNECT_TIMEOUT);
+        let session = crate::scylla_session::configure(
+            builder,
+            options.auth.as_ref(),
+            options.tls.as_ref(),
+            options.local_dc.as_deref(),
+        )?
+        .build()
+        .await
+        .map_err(new_session_error)?;
 
         for ddl in schema_statements(keyspace, &options.replication) {
             session

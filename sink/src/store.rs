@@ -227,6 +227,12 @@ pub struct ScyllaOptions {
     pub consistency: String,
     /// Maximum concurrent statements in flight from one `write_rows` call.
     pub max_concurrency: usize,
+    /// Username/password authentication, when the cluster requires it.
+    pub auth: Option<crate::scylla_session::ScyllaAuth>,
+    /// TLS to every node, when set.
+    pub tls: Option<crate::scylla_session::ScyllaTls>,
+    /// Route requests only to this datacenter (token and shard aware within it).
+    pub local_dc: Option<String>,
 }
 
 impl Default for ScyllaOptions {
@@ -235,6 +241,9 @@ impl Default for ScyllaOptions {
             replication: "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into(),
             consistency: "LOCAL_QUORUM".into(),
             max_concurrency: 256,
+            auth: None,
+            tls: None,
+            local_dc: None,
         }
     }
 }

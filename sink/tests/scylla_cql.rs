@@ -50,6 +50,7 @@ fn options() -> ScyllaOptions {
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
         consistency: "ONE".into(),
         max_concurrency: 4,
+        ..ScyllaOptions::default()
     }
 }
 

@@ -98,6 +98,7 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     println!("kafka: {bootstrap}");
     println!("store: {store_url}");
     println!("metrics: http://{address}/metrics");
+    println!("ui: http://{address}/ui");
     let mut ingest = ingest;
     let mut aggregator = aggregator;
     tokio::select! {

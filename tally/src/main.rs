@@ -4,7 +4,7 @@
 //! - `ingest`: the HTTP edge (`tally_ingest`).
 //! - `aggregator`: the consumer-group window aggregator (`tally_aggregator`), with
 //!   `/metrics` and `/healthz` on `--metrics-listen`.
-//! - `dev`: the embedded playground (`dev.rs`).
+//! - `dev`: the embedded playground (`dev.rs`), with its live page (`ui.rs`, `/ui`).
 //! - `query`, `replay`, `dlq`, `verify`: operations (`ops/`).
 
 mod cli;
@@ -14,6 +14,7 @@ mod ops;
 mod read_api;
 mod shutdown;
 mod telemetry;
+mod ui;
 
 use anyhow::Context;
 use clap::Parser;

@@ -111,6 +111,10 @@ async fn answer(
             "use GET",
         );
     }
+    // The live page's static files come through the same hook (tally/src/ui.rs).
+    if request.uri().path() == "/ui" || request.uri().path().starts_with("/ui/") {
+        return crate::ui::answer(request.uri().path());
+    }
     let Some(key_text) = request.uri().path().strip_prefix("/v1/windows/") else {
         return error(StatusCode::NOT_FOUND, "not_found", "use /v1/windows/{key}");
     };
