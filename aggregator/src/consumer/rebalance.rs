@@ -206,6 +206,7 @@ impl AggregatorContext {
         }
         for (partition, committed) in committed_offsets {
             shell.health.assigned(partition, committed);
+            shell.metrics.track_partition(partition);
         }
         shell.execute(rest, consumer);
         shell.metrics.assigned_partitions.set(owned_count(shell));
@@ -219,7 +220,8 @@ impl AggregatorContext {
             .map(|e| e.partition())
             .collect();
         let lost = consumer.assignment_lost();
-        let deadline = Instant::now() + shell.revoke_timeout;
+        let started = Instant::now();
+        let deadline = started + shell.revoke_timeout;
         let commands = shell.handle(Event::Revoked {
             partitions: partitions.clone(),
         });
@@ -257,11 +259,14 @@ impl AggregatorContext {
         }
         for partition in &partitions {
             shell.health.revoked(*partition);
+            shell.metrics.forget_partition(*partition);
         }
         if let Err(err) = consumer.incremental_unassign(tpl) {
             warn!(%err, "could not unassign revoked partitions");
         }
         shell.metrics.assigned_partitions.set(owned_count(shell));
+        let took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        info!(?partitions, took_ms, "revoke settled");
     }
 }
 

@@ -48,12 +48,22 @@ impl<T: Consumer<AggregatorContext>> KafkaHandle for T {
         self.resume(list)
     }
     fn seek_to(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()> {
-        self.seek(
+        let sought = self.seek(
             topic,
             partition,
             Offset::Offset(offset),
             Duration::from_secs(5),
-        )
+        );
+        if sought.is_ok() {
+            return Ok(());
+        }
+        // After an out-of-range error (`auto.offset.reset=error`) the partition is not
+        // fetching, and librdkafka only seeks fetching partitions: assign it again at
+        // the offset instead.
+        let mut list = TopicPartitionList::new();
+        list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+        self.incremental_unassign(&list)?;
+        self.incremental_assign(&list)
     }
 }
 
