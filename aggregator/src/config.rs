@@ -65,6 +65,16 @@ pub struct AggregatorConfig {
     /// Deadline for the final flush and commit on shutdown.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// After offsets vanished before they were read (retention deleted them), go on
+    /// from the log start instead of halting the partition. The loss is counted
+    /// (`tally_aggregator_lost_offsets_total`) and the windows it can touch are never
+    /// rewritten.
+    #[arg(long, env = "TALLY_ACCEPT_DATA_LOSS")]
+    pub accept_data_loss: bool,
+    /// `/readyz` fails when a partition with lag has not advanced its committed
+    /// offset for this long.
+    #[arg(long, env = "TALLY_STALL_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub stall_timeout: Duration,
     #[command(flatten)]
     pub scylla: ScyllaArgs,
     /// Extra librdkafka settings for the consumer and the dead-letter producer as
@@ -89,6 +99,11 @@ const PROTECTED_KAFKA_OPTIONS: &[&str] = &[
     "auto.commit.enable",
     "enable.auto.offset.store",
     "partition.assignment.strategy",
+    // Where a partition starts is the protocol's decision; an offset that vanished
+    // must surface as an error, never as a silent jump.
+    "auto.offset.reset",
+    // Aborted transactional writes of direct producers must never be counted.
+    "isolation.level",
     "acks",
     "request.required.acks",
     "enable.idempotence",
@@ -514,6 +529,8 @@ mod tests {
             "group.id",
             "acks",
             "partition.assignment.strategy",
+            "auto.offset.reset",
+            "isolation.level",
         ] {
             let config = parse(&["--kafka-option", &format!("{key}=x")]);
             let err = config.validate_kafka_options().unwrap_err();

@@ -40,6 +40,14 @@ pub struct AggregatorMetrics {
     pub freshness: prometheus::Gauge,
     /// Owned partitions.
     pub assigned_partitions: IntGauge,
+    /// Revoked partitions handed over without a commit (the next owner replays).
+    pub handovers: IntCounter,
+    /// Dead-letter deliveries that failed, by kind: `transient` (retried) or why the
+    /// letter can never be delivered (`too_large`, `topic_missing`, … : the aggregator
+    /// stops).
+    pub dlq_failures: IntCounterVec,
+    /// Offsets that vanished before they were read (retention), per partition.
+    pub lost_offsets: IntCounterVec,
     /// `records` resolved per outcome once, so the per-record path does no label lookup.
     pub outcomes: OutcomeCounters,
 }
@@ -176,6 +184,27 @@ impl AggregatorMetrics {
             "tally_aggregator_assigned_partitions",
             "Partitions owned by this instance",
         )?;
+        let handovers = IntCounter::new(
+            "tally_aggregator_handovers_total",
+            "Revoked partitions handed over uncommitted",
+        )?;
+        let dlq_failures = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_dlq_failures_total",
+                "Dead-letter deliveries that failed, by kind (transient, or why never deliverable)",
+            ),
+            &["kind"],
+        )?;
+        let lost_offsets = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_lost_offsets_total",
+                "Offsets that vanished before they were read, per partition",
+            ),
+            &["partition"],
+        )?;
+        registry.register(Box::new(handovers.clone()))?;
+        registry.register(Box::new(dlq_failures.clone()))?;
+        registry.register(Box::new(lost_offsets.clone()))?;
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(open_windows.clone()))?;
         registry.register(Box::new(keys_in_memory.clone()))?;
@@ -202,6 +231,10 @@ impl AggregatorMetrics {
         for result in ["ok", "error"] {
             commits.with_label_values(&[result]);
         }
+        dlq_failures.with_label_values(&["transient"]);
+        for kind in tally_sink::dlq::Undeliverable::ALL {
+            dlq_failures.with_label_values(&[kind.code()]);
+        }
         let outcomes = OutcomeCounters::new(&records);
         Ok(AggregatorMetrics {
             outcomes,
@@ -220,6 +253,9 @@ impl AggregatorMetrics {
             watermark_lag,
             freshness,
             assigned_partitions,
+            handovers,
+            dlq_failures,
+            lost_offsets,
         })
     }
 

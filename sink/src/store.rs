@@ -45,16 +45,18 @@ pub trait WindowStore: Send + Sync + 'static {
 
     /// Records the checkpoint that a Kafka commit at `checkpoint.next_offset` stands
     /// for. Written before the Kafka commit, so brokers that drop commit metadata
-    /// still let a restart find its replay state.
+    /// still let a restart find its replay state. Rows are keyed by offset *and*
+    /// generation: a late save from an older run never replaces a newer run's row at
+    /// the same offset (a lookup takes the highest generation).
     async fn save_checkpoint(
         &self,
         scope: &CheckpointScope,
         checkpoint: &Checkpoint,
     ) -> Result<(), SinkError>;
 
-    /// The checkpoint saved for exactly `next_offset`, or with `None` the one with
-    /// the highest `next_offset` (used to learn the last generation after an
-    /// external offset reset).
+    /// The checkpoint saved for exactly `next_offset`, or with `None` the latest one:
+    /// the highest generation, then the highest `next_offset` (a group whose offsets
+    /// expired resumes from it; an external offset reset takes a generation above it).
     async fn load_checkpoint(
         &self,
         scope: &CheckpointScope,

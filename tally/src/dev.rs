@@ -85,10 +85,12 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
         crate::shutdown::stopped(stopping.clone()),
         Some(read_handler),
     ));
+    let health = tally_aggregator::Health::new(aggregator_config.stall_timeout);
     let aggregator = tokio::spawn(tally_aggregator::run_with_store(
         aggregator_config,
         Arc::clone(&store),
         registry,
+        health,
         crate::shutdown::stopped(stopping.clone()),
     ));
 

@@ -68,12 +68,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Aggregator(args) => {
             let registry = prometheus::Registry::new();
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let metrics = metrics_http::serve(&args.metrics_listen, registry.clone(), stopped)
-                .await
-                .with_context(|| format!("binding {}", args.metrics_listen))?;
-            let result =
-                tally_aggregator::run(args.config, registry, shutdown::signal_then_notify(None))
-                    .await;
+            let health = tally_aggregator::Health::new(args.config.stall_timeout);
+            let metrics = metrics_http::serve(
+                &args.metrics_listen,
+                registry.clone(),
+                Some(health.clone()),
+                stopped,
+            )
+            .await
+            .with_context(|| format!("binding {}", args.metrics_listen))?;
+            let result = tally_aggregator::run(
+                args.config,
+                registry,
+                health,
+                shutdown::signal_then_notify(None),
+            )
+            .await;
             let _ = stop.send(true);
             let _ = metrics.await;
             result?;
