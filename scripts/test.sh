@@ -5,6 +5,7 @@
 # Each section installs only what is missing, so a second run starts at once.
 # Environment:
 #   TALLY_PROPTEST_CASES   more cases for the property tests (default: each test's own)
+#   TALLY_FUZZ_SECONDS     seconds per fuzz target (default 60; scripts/fuzz.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
@@ -41,5 +42,19 @@ set -e
 passed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^passed;?$/) s += $i } END { print s + 0 }' "$log")
 failed=$(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^failed;?$/) s += $i } END { print s + 0 }' "$log")
 rm -f "$log"
+
+# Fuzzing (issue 11.8b): the cargo-fuzz targets of fuzz/ (strict decoders, the edge's
+# HTTP request path), bounded to TALLY_FUZZ_SECONDS (60) each from the seed corpus.
+# scripts/fuzz.sh installs cargo-fuzz once (cached in ~/.cache/tally-tools/) and runs
+# it on stable Rust with RUSTC_BOOTSTRAP=1. A crash fails the run.
+if [ "$status" -eq 0 ]; then
+  echo "== scripts/fuzz.sh (${TALLY_FUZZ_SECONDS:-60} s per target)"
+  # A crash counts as one failed test in the closing line.
+  if ! scripts/fuzz.sh "${TALLY_FUZZ_SECONDS:-60}"; then
+    failed=$((failed + 1))
+    status=1
+  fi
+fi
+
 echo "tests: ${passed} passed, ${failed} failed"
 exit "$status"

@@ -16,7 +16,7 @@ pub mod scylla_store;
 pub mod sqlite;
 pub mod store;
 
-pub use dlq::{DeadLetter, DeadLetterProducer};
+pub use dlq::{DeadLetter, DeadLetterProducer, DeliveryFailure, Undeliverable};
 pub use error::SinkError;
 pub use row::{WindowRow, WindowTotal};
 pub use scylla_store::ScyllaStore;
