@@ -46,8 +46,14 @@
 #   --tally PATH        the tally binary to measure (default: build this tree)
 #   --also-tally L=PATH extra uncapped aggregator run with another binary, labelled L
 #                       (repeatable; e.g. main=/tmp/tally-main)
-#   --profile DIR       record `perf record -e cpu-clock --call-graph dwarf` of the
-#                       (first) uncapped aggregator run into DIR/perf.data
+#   --profile DIR       after the measured runs, one more uncapped run of each tally
+#                       binary under `perf record -e cpu-clock --call-graph dwarf`
+#                       (DIR/perf-*.data), broken down per stage and thread by
+#                       scripts/bench-profile-stages.sh (DIR/stages-*.txt); these runs
+#                       are not in the ratios (perf's unwinding costs CPU)
+#   --callgrind DIR     one more uncapped run of the tally binary under valgrind's
+#                       callgrind (exact instruction counts; ~50x slower, so use it
+#                       with a smaller --records), DIR/callgrind.out
 #   --poll-interval S   seconds between /metrics samples (env BENCH_POLL_INTERVAL, 0.1)
 #   --no-build          use the binaries already in target/release
 #   --keep              keep the temp dir (logs, stores, metric samples)
@@ -66,6 +72,7 @@ CAPPED=1
 TALLY=""
 ALSO_TALLY=()
 PROFILE_DIR=""
+CALLGRIND_DIR=""
 BUILD=1
 KEEP=0
 while [[ $# -gt 0 ]]; do
@@ -80,6 +87,7 @@ while [[ $# -gt 0 ]]; do
     --tally) TALLY="$2"; shift 2 ;;
     --also-tally) ALSO_TALLY+=("$2"); shift 2 ;;
     --profile) PROFILE_DIR="$2"; shift 2 ;;
+    --callgrind) CALLGRIND_DIR="$2"; shift 2 ;;
     --poll-interval) POLL_INTERVAL="$2"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
@@ -97,6 +105,11 @@ if [[ -n "$PROFILE_DIR" ]]; then
   command -v perf >/dev/null || { echo "--profile needs perf (apt-get install linux-perf)" >&2; exit 1; }
   mkdir -p "$PROFILE_DIR"
   PROFILE_DIR="$(cd "$PROFILE_DIR" && pwd)"
+fi
+if [[ -n "$CALLGRIND_DIR" ]]; then
+  command -v valgrind >/dev/null || { echo "--callgrind needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+  mkdir -p "$CALLGRIND_DIR"
+  CALLGRIND_DIR="$(cd "$CALLGRIND_DIR" && pwd)"
 fi
 
 TANSU="$("$ROOT/scripts/ensure-tansu.sh")"
@@ -227,27 +240,28 @@ sample() { # pid port
 }
 
 # Runs one aggregator to N records, stops it, checks its store; appends a result.
-run_aggregator() { # label tally-binary store-template-or-empty profile(0|1) extra flags...
-  local label="$1" binary="$2" template="$3" profile="$4"
+run_aggregator() { # label tally-binary store-template-or-empty profiler(none|perf|callgrind) extra flags...
+  local label="$1" binary="$2" template="$3" profiler="$4"
   shift 4
-  local slug="agg-${#PIDS[@]}" port store pid started samples line count perf_pid=""
+  local slug="agg-${#PIDS[@]}" port store pid started samples line count perf_pid="" wrapper=()
   port="$(free_port)"
   store="$WORK_DIR/$slug.sqlite"
   if [[ -n "$template" ]]; then
     cp "$template" "$store"
     for suffix in -wal -shm; do [[ -e "$template$suffix" ]] && cp "$template$suffix" "$store$suffix"; done
   fi
+  [[ "$profiler" != callgrind ]] || wrapper=(valgrind --tool=callgrind "--callgrind-out-file=$CALLGRIND_DIR/callgrind.out")
   # shellcheck disable=SC2086 # BENCH_AGGREGATOR_ARGS is a list of flags
-  "$binary" aggregator --brokers "$BROKERS" --topic "$TOPIC" --dlq-topic "$TOPIC.dlq" \
+  "${wrapper[@]}" "$binary" aggregator --brokers "$BROKERS" --topic "$TOPIC" --dlq-topic "$TOPIC.dlq" \
     --group "bench-$slug-$RUN_ID" --store "sqlite://$store" --flush-interval 1s \
     --metrics-listen "127.0.0.1:$port" "$@" ${BENCH_AGGREGATOR_ARGS:-} \
     >"$WORK_DIR/$slug.log" 2>&1 &
   pid=$!
   PIDS+=("$pid")
   started="$EPOCHREALTIME"
-  if [[ "$profile" == 1 ]]; then
+  if [[ "$profiler" == perf ]]; then
     perf record -e cpu-clock -F 999 --call-graph dwarf,16384 -p "$pid" \
-      -o "$PROFILE_DIR/perf.data" >"$WORK_DIR/perf.log" 2>&1 &
+      -o "$PROFILE_DIR/perf-$slug.data" >"$WORK_DIR/perf-$slug.log" 2>&1 &
     perf_pid=$!
     PIDS+=("$perf_pid")
   fi
@@ -289,8 +303,8 @@ run_aggregator() { # label tally-binary store-template-or-empty profile(0|1) ext
   echo "$label: rate=$rate seconds=$seconds cores=$cores" >&2
 
   kill -TERM "$pid"
-  for _ in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then echo "$label: aggregator did not stop within 60 s" >&2; exit 1; fi
+  for _ in $(seq 1 3000); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then echo "$label: aggregator did not stop within 300 s" >&2; exit 1; fi
   wait "$pid" 2>/dev/null || true
   local check=("${EXPECTED[@]}") verdict
   [[ -z "$template" ]] || check+=("${FILLED[@]}")
@@ -304,25 +318,40 @@ run_aggregator() { # label tally-binary store-template-or-empty profile(0|1) ext
   printf '%s|%s|%s|%s|%s|%s\n' "$label" "$rate" "$seconds" "$cores" "$broker_cores" \
     "$us_per_record us/record; $flushes flushes, ${flush_seconds} s in flushes; $rows rows written; freshness max ${fresh_max} s, median ${fresh_median} s over $fresh_samples samples; peak RSS $((rss_kib / 1024)) MiB; store $verdict" >>"$RESULTS"
   rm -f "$store" "$store-wal" "$store-shm"
+  if [[ "$profiler" == perf ]]; then
+    echo "$label: perf profile in $PROFILE_DIR/perf-$slug.data" >>"$PROFILE_DIR/runs.txt"
+    "$ROOT/scripts/bench-profile-stages.sh" "$PROFILE_DIR/perf-$slug.data" "$RECORDS" >"$PROFILE_DIR/stages-$slug.txt"
+    PROFILES+=("$label|$PROFILE_DIR/stages-$slug.txt")
+  fi
 }
+PROFILES=()
 STORE_FAILURES=0
 
 # ---- the runs -----------------------------------------------------------------
 UNCAPPED="fetch.wait.max.ms=$FETCH_WAIT_MS"
 raw_consume "raw BaseConsumer #1 (uncapped)" "raw1-$RUN_ID" "$UNCAPPED"
-run_aggregator "tally aggregator (uncapped)" "$TALLY" "" "$([[ -n "$PROFILE_DIR" ]] && echo 1 || echo 0)" \
-  --kafka-option "$UNCAPPED"
+run_aggregator "tally aggregator (uncapped)" "$TALLY" "" none --kafka-option "$UNCAPPED"
 for also in "${ALSO_TALLY[@]}"; do
-  run_aggregator "tally aggregator [${also%%=*}] (uncapped)" "${also#*=}" "" 0 --kafka-option "$UNCAPPED"
+  run_aggregator "tally aggregator [${also%%=*}] (uncapped)" "${also#*=}" "" none --kafka-option "$UNCAPPED"
 done
 if [[ -n "$TEMPLATE" ]]; then
-  run_aggregator "tally aggregator, $FILL_ROWS-row store (uncapped)" "$TALLY" "$TEMPLATE" 0 \
+  run_aggregator "tally aggregator, $FILL_ROWS-row store (uncapped)" "$TALLY" "$TEMPLATE" none \
     --kafka-option "$UNCAPPED"
 fi
 raw_consume "raw BaseConsumer #2 (uncapped)" "raw2-$RUN_ID" "$UNCAPPED"
 if [[ "$CAPPED" == 1 ]]; then
   raw_consume "raw BaseConsumer (capped: defaults)" "raw3-$RUN_ID" ""
-  run_aggregator "tally aggregator (capped: defaults)" "$TALLY" "" 0
+  run_aggregator "tally aggregator (capped: defaults)" "$TALLY" "" none
+fi
+# Profiled runs come last and are not in any ratio.
+if [[ -n "$PROFILE_DIR" ]]; then
+  run_aggregator "profiled: tally aggregator (uncapped)" "$TALLY" "" perf --kafka-option "$UNCAPPED"
+  for also in "${ALSO_TALLY[@]}"; do
+    run_aggregator "profiled: tally aggregator [${also%%=*}] (uncapped)" "${also#*=}" "" perf --kafka-option "$UNCAPPED"
+  done
+fi
+if [[ -n "$CALLGRIND_DIR" ]]; then
+  run_aggregator "callgrind: tally aggregator (uncapped)" "$TALLY" "" callgrind --kafka-option "$UNCAPPED"
 fi
 
 # ---- report -------------------------------------------------------------------
@@ -359,7 +388,12 @@ fi
 if [[ "$CAPPED" == 1 ]]; then
   echo "context, capped (librdkafka defaults): aggregator / raw: $(ratio "$(rate_of "tally aggregator (capped: defaults)")" "$(rate_of "raw BaseConsumer (capped: defaults)")")"
 fi
-[[ -z "$PROFILE_DIR" ]] || echo "profile of the uncapped aggregator run: $PROFILE_DIR/perf.data (perf report -i $PROFILE_DIR/perf.data --sort comm,dso,sym)"
+for profile in "${PROFILES[@]}"; do
+  echo
+  echo "== ${profile%%|*}: where the CPU goes (perf cpu-clock samples, ${profile#*|})"
+  cat "${profile#*|}"
+done
+[[ -z "$CALLGRIND_DIR" ]] || echo "callgrind profile: $CALLGRIND_DIR/callgrind.out (callgrind_annotate --inclusive=yes $CALLGRIND_DIR/callgrind.out)"
 if [[ "$STORE_FAILURES" -gt 0 ]]; then
   echo "STORE CHECK FAILED in $STORE_FAILURES run(s)" >&2
   exit 1

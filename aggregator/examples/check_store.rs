@@ -22,7 +22,7 @@ const USAGE: &str =
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let url: String = arg(&args, 0, None, USAGE)?;
-    if args.len() < 6 || (args.len() - 1) % 5 != 0 {
+    if args.len() < 6 || !(args.len() - 1).is_multiple_of(5) {
         bail!("{USAGE}");
     }
     let store = tally_sink::open_store(&url, &ScyllaOptions::default())

@@ -120,6 +120,17 @@ fn start_node() -> anyhow::Result<(
     Ok((addr, tid, stop_tx))
 }
 
+/// One node: replication 1, consistency ONE; set field by field, so settings added
+/// to `ScyllaOptions` later keep their defaults.
+#[allow(clippy::field_reassign_with_default)]
+fn store_options(concurrency: usize) -> ScyllaOptions {
+    let mut options = ScyllaOptions::default();
+    options.replication = "{'class': 'SimpleStrategy', 'replication_factor': 1}".into();
+    options.consistency = "ONE".into();
+    options.max_concurrency = concurrency;
+    options
+}
+
 fn rows_for_phase(phase: u64, count: usize) -> Vec<WindowRow> {
     let mut rng = SplitMix64(0xbe7c_0000 + phase);
     (0..count)
@@ -200,10 +211,7 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut options = ScyllaOptions::default();
-        options.replication = "{'class': 'SimpleStrategy', 'replication_factor': 1}".into();
-        options.consistency = "ONE".into();
-        options.max_concurrency = concurrency;
+        let options = store_options(concurrency);
         let store = ScyllaStore::connect(&[addr.to_string()], KEYSPACE, &options)
             .await
             .context("connecting the ScyllaDB backend")?;
