@@ -13,6 +13,9 @@
 #    on the filled topic, until it has counted every record, reports
 #    tally_aggregator_keys_in_memory = 1,000,000, and has flushed them all (the
 #    provisional rows are written); then RSS is read twice, 2 s apart.
+#    This runs twice: with glibc's malloc defaults, and with
+#    GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072 (a fixed threshold, so large
+#    freed blocks go back to the kernel instead of staying in malloc's heaps).
 # 4. `engine_memory`: the same key-windows fed to one engine per partition (same
 #    keys, same partitioning) in a separate process: the engines' approx_heap_bytes
 #    and how much that process's RSS grew.
@@ -99,9 +102,11 @@ PREFILL="$("$EXAMPLES/prefill" "$BROKERS" increments "$RECORDS" "$RECORDS" 20000
 echo "prefill: $PREFILL" >&2
 [[ "$(field key_windows "$PREFILL")" == "$RECORDS" ]] || { echo "prefill did not open $RECORDS key-windows" >&2; exit 1; }
 
-start_aggregator() { # name topic port
+start_aggregator() { # name topic port [VAR=value for its environment]
+  local with_env=(env)
+  [[ -z "${4:-}" ]] || with_env+=("$4")
   # shellcheck disable=SC2086
-  "$TALLY" aggregator --brokers "$BROKERS" --topic "$2" --dlq-topic increments.dlq \
+  "${with_env[@]}" "$TALLY" aggregator --brokers "$BROKERS" --topic "$2" --dlq-topic increments.dlq \
     --group "memory-$1-$$" --store "sqlite://$WORK_DIR/$1.sqlite" --flush-interval 1s \
     --kafka-option fetch.wait.max.ms=10 --metrics-listen "127.0.0.1:$3" ${BENCH_AGGREGATOR_ARGS:-} \
     >"$WORK_DIR/$1.log" 2>&1 &
@@ -127,25 +132,38 @@ IDLE_RSS="$(status_kib "$IDLE_PID" VmRSS)"
 kill -TERM "$IDLE_PID"; wait "$IDLE_PID" 2>/dev/null || true
 
 # ---- aggregator with the open key-windows -----------------------------------------
-PORT="$(free_port)"
-start_aggregator full increments "$PORT"
-PID="${PIDS[-1]}"
+# Each variant reads the whole topic in its own group and store; prints one line of
+# "name=value" figures (KiB) and keeps its smaps.
 loaded() {
   [[ "$(metric "$1" tally_aggregator_records_total)" -ge "$RECORDS" &&
      "$(metric "$1" tally_aggregator_keys_in_memory)" -ge "$RECORDS" &&
      "$(metric "$1" tally_aggregator_rows_written_total)" -ge "$RECORDS" ]]
 }
-wait_for 600 "$RECORDS open key-windows, counted and flushed" loaded "$PORT"
-sleep 2
-RSS_1="$(status_kib "$PID" VmRSS)"
-sleep 2
-RSS="$(status_kib "$PID" VmRSS)"
-ANON="$(status_kib "$PID" RssAnon)"
-FILE="$(status_kib "$PID" RssFile)"
-PEAK="$(status_kib "$PID" VmHWM)"
-KEY_WINDOWS="$(metric "$PORT" tally_aggregator_keys_in_memory)"
-OPEN_WINDOWS="$(metric "$PORT" tally_aggregator_open_windows)"
-kill -TERM "$PID"; wait "$PID" 2>/dev/null || true
+measure() { # name [VAR=value for the aggregator's environment]; figures in $WORK_DIR/name.figures
+  local name="$1" port pid
+  port="$(free_port)"
+  start_aggregator "$name" increments "$port" "${2:-}"
+  pid="${PIDS[-1]}"
+  wait_for 600 "$RECORDS open key-windows, counted and flushed ($name)" loaded "$port"
+  sleep 2
+  local earlier
+  earlier="$(status_kib "$pid" VmRSS)"
+  sleep 2
+  cp "/proc/$pid/smaps" "$WORK_DIR/$name.smaps"
+  echo "rss=$(status_kib "$pid" VmRSS) anon=$(status_kib "$pid" RssAnon) file=$(status_kib "$pid" RssFile) peak=$(status_kib "$pid" VmHWM) earlier=$earlier key_windows=$(metric "$port" tally_aggregator_keys_in_memory) windows=$(metric "$port" tally_aggregator_open_windows)" >"$WORK_DIR/$name.figures"
+  kill -TERM "$pid" 2>/dev/null || true
+  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+}
+# glibc raises its mmap threshold as large blocks are freed, after which freed
+# memory (librdkafka's prefetched fetch buffers, the flush's row vectors) stays in
+# its heaps; a fixed threshold returns large blocks to the kernel on free.
+TUNABLE="GLIBC_TUNABLES=glibc.malloc.mmap_threshold=131072"
+measure defaults
+measure tuned "$TUNABLE"
+DEFAULT="$(cat "$WORK_DIR/defaults.figures")"
+TUNED="$(cat "$WORK_DIR/tuned.figures")"
+KEY_WINDOWS="$(field key_windows "$DEFAULT")"
+OPEN_WINDOWS="$(field windows "$DEFAULT")"
 
 ENGINE="$("$EXAMPLES/engine_memory" "$RECORDS" "$RECORDS" "$PARTITIONS" 1)"
 echo "engine: $ENGINE" >&2
@@ -153,19 +171,56 @@ echo "engine: $ENGINE" >&2
 
 each() { awk -v kib="$1" -v n="$KEY_WINDOWS" 'BEGIN { printf "%.1f", kib * 1024 / n }'; }
 mib() { awk -v kib="$1" 'BEGIN { printf "%.1f", kib / 1024 }'; }
+row() { # label kib-default kib-tuned
+  printf "  %-46s %9s %9s %12s %12s\n" "$1" "$(mib "$2")" "$(mib "$3")" "$(each "$2")" "$(each "$3")"
+}
+# Resident memory by mapping: glibc's main heap, its per-thread arenas (anonymous
+# read-write mappings starting on a 64 MiB boundary), other anonymous mappings
+# (large malloc blocks such as the engine's tables, thread stacks), files.
+by_mapping() { # smaps -> "kind|kib" lines
+  awk '
+    function hex(text,    i, value) {
+      value = 0
+      for (i = 1; i <= length(text); i++) value = value * 16 + index("0123456789abcdef", substr(text, i, 1)) - 1
+      return value
+    }
+    /^[0-9a-f]+-[0-9a-f]+ / {
+      split($1, range, "-"); start = hex(range[1])
+      path = (NF >= 6) ? $6 : ""
+      if (path == "[heap]") kind = "glibc main heap ([heap])"
+      else if (path ~ /^\[stack/) kind = "main thread stack"
+      else if (path != "") kind = "files (binary, libraries)"
+      else if ($2 == "rw-p" && start - int(start / 67108864) * 67108864 == 0) kind = "glibc per-thread arenas"
+      else if ($2 == "rw-p") kind = "other anonymous (large blocks, stacks)"
+      else kind = "other"
+      next
+    }
+    /^Rss:/ { rss[kind] += $2 }
+    END { for (k in rss) printf "%s|%d\n", k, rss[k] }
+  ' "$1"
+}
+kib_of() { awk -F'|' -v k="$2" '$1 == k { v = $2 } END { print v + 0 }' <<<"$1"; }
+
 echo
 echo "machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "aggregator holding $KEY_WINDOWS open key-windows in $OPEN_WINDOWS windows over $PARTITIONS partitions (all counted and flushed):"
-printf "  %-44s %10s %14s\n" "" "MiB" "bytes each"
-printf "  %-44s %10s %14s\n" "process RSS (VmRSS), total" "$(mib "$RSS")" "$(each "$RSS")"
-printf "  %-44s %10s %14s\n" "  of which anonymous (RssAnon)" "$(mib "$ANON")" "$(each "$ANON")"
-printf "  %-44s %10s %14s\n" "  of which file-backed (RssFile: binary, libs)" "$(mib "$FILE")" "$(each "$FILE")"
-printf "  %-44s %10s %14s\n" "process RSS minus an idle aggregator's" "$(mib "$((RSS - IDLE_RSS))")" "$(each "$((RSS - IDLE_RSS))")"
-printf "  %-44s %10s %14s\n" "peak RSS during the run (VmHWM)" "$(mib "$PEAK")" "$(each "$PEAK")"
-printf "  %-44s %10s\n" "idle aggregator RSS (no window open)" "$(mib "$IDLE_RSS")"
-printf "  %-44s %10s\n" "RSS 2 s earlier (steady?)" "$(mib "$RSS_1")"
-printf "  %-44s %10s %14s\n" "engine accounting (approx_heap_bytes)" \
-  "$(awk -v b="$(field engine_bytes "$ENGINE")" 'BEGIN { printf "%.1f", b / 1048576 }')" "$(field engine_bytes_each "$ENGINE")"
-printf "  %-44s %10s %14s\n" "engine alone: its process's RSS growth" \
-  "$(awk -v b="$(field rss_growth_bytes "$ENGINE")" 'BEGIN { printf "%.1f", b / 1048576 }')" "$(field rss_growth_each "$ENGINE")"
-echo "goal: <= 150 bytes per open key-window, process total: $(awk -v e="$(each "$RSS")" 'BEGIN { print (e <= 150 ? "met" : "NOT met") }')"
+echo "aggregator holding $KEY_WINDOWS open key-windows in $OPEN_WINDOWS windows over $PARTITIONS partitions (all counted and flushed)"
+echo "columns: glibc defaults | with $TUNABLE"
+printf "  %-46s %9s %9s %12s %12s\n" "" "MiB" "MiB" "bytes each" "bytes each"
+row "process RSS (VmRSS), total" "$(field rss "$DEFAULT")" "$(field rss "$TUNED")"
+row "  of which anonymous (RssAnon)" "$(field anon "$DEFAULT")" "$(field anon "$TUNED")"
+row "  of which file-backed (RssFile: binary, libs)" "$(field file "$DEFAULT")" "$(field file "$TUNED")"
+row "process RSS minus an idle aggregator's" "$(( $(field rss "$DEFAULT") - IDLE_RSS ))" "$(( $(field rss "$TUNED") - IDLE_RSS ))"
+row "peak RSS during the run (VmHWM)" "$(field peak "$DEFAULT")" "$(field peak "$TUNED")"
+row "RSS 2 s earlier (steady?)" "$(field earlier "$DEFAULT")" "$(field earlier "$TUNED")"
+DEFAULT_MAPS="$(by_mapping "$WORK_DIR/defaults.smaps")"
+TUNED_MAPS="$(by_mapping "$WORK_DIR/tuned.smaps")"
+for kind in "glibc main heap ([heap])" "glibc per-thread arenas" "other anonymous (large blocks, stacks)" "files (binary, libraries)"; do
+  row "  $kind" "$(kib_of "$DEFAULT_MAPS" "$kind")" "$(kib_of "$TUNED_MAPS" "$kind")"
+done
+printf "  %-46s %9s\n" "idle aggregator RSS (no window open)" "$(mib "$IDLE_RSS")"
+printf "  %-46s %9s %9s %12s\n" "engine accounting (approx_heap_bytes)" \
+  "$(awk -v b="$(field engine_bytes "$ENGINE")" 'BEGIN { printf "%.1f", b / 1048576 }')" "" "$(field engine_bytes_each "$ENGINE")"
+printf "  %-46s %9s %9s %12s\n" "engine alone: its process's RSS growth" \
+  "$(awk -v b="$(field rss_growth_bytes "$ENGINE")" 'BEGIN { printf "%.1f", b / 1048576 }')" "" "$(field rss_growth_each "$ENGINE")"
+verdict() { awk -v e="$(each "$1")" 'BEGIN { print (e <= 150 ? "met" : "NOT met") }'; }
+echo "goal <= 150 bytes per open key-window, process total: $(verdict "$(field rss "$DEFAULT")") with glibc defaults, $(verdict "$(field rss "$TUNED")") with the fixed mmap threshold"
