@@ -148,7 +148,7 @@ struct Cursor<'a> {
 
 /// Hex digit values by byte; `INVALID_HEX` for every other byte.
 const INVALID_HEX: u8 = 0xff;
-const HEX_VALUES: [u8; 256] = {
+static HEX_VALUES: [u8; 256] = {
     let mut table = [INVALID_HEX; 256];
     let mut digit = 0u8;
     while digit < 10 {
@@ -162,6 +162,22 @@ const HEX_VALUES: [u8; 256] = {
         letter += 1;
     }
     table
+};
+
+/// Where the two hex digits of each of the 16 bytes sit in `8-4-4-4-12` text.
+const HEX_PAIR_POSITIONS: [[usize; 2]; 16] = {
+    let mut pairs = [[0usize; 2]; 16];
+    let mut digit = 0;
+    let mut at = 0;
+    while digit < 32 {
+        if at == 8 || at == 13 || at == 18 || at == 23 {
+            at += 1;
+        }
+        pairs[digit / 2][digit % 2] = at;
+        digit += 1;
+        at += 1;
+    }
+    pairs
 };
 
 impl Cursor<'_> {
@@ -214,25 +230,26 @@ impl Cursor<'_> {
             [b'"', rest @ ..] if rest.len() > 36 && rest[36] == b'"' => rest.split_at(36),
             _ => return None,
         };
+        let text: &[u8; 36] = text.try_into().ok()?;
         if text[8] != b'-' || text[13] != b'-' || text[18] != b'-' || text[23] != b'-' {
             return None;
         }
-        let mut bits: u128 = 0;
+        // Each byte from its two digits independently (no carried 128-bit shift),
+        // so the 16 bytes decode in parallel.
+        let mut uuid = [0u8; 16];
         let mut invalid = 0u8;
-        for (index, byte) in text.iter().enumerate() {
-            if matches!(index, 8 | 13 | 18 | 23) {
-                continue;
-            }
-            let digit = HEX_VALUES[usize::from(*byte)];
-            invalid |= digit;
-            bits = (bits << 4) | u128::from(digit & 0x0f);
+        for (byte, positions) in uuid.iter_mut().zip(HEX_PAIR_POSITIONS.iter()) {
+            let high = HEX_VALUES[usize::from(text[positions[0]])];
+            let low = HEX_VALUES[usize::from(text[positions[1]])];
+            invalid |= high | low;
+            *byte = (high << 4) | (low & 0x0f);
         }
         if invalid & 0xf0 != 0 {
             return None;
         }
         // Skip the 36 characters and the closing quote.
         self.rest = &rest[1..];
-        Some(Uuid::from_u128(bits))
+        Some(Uuid::from_bytes(uuid))
     }
 
     /// `ws ":" ws [1-9][0-9]{0,18}`, at most `i64::MAX`.
