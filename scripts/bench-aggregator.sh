@@ -3,48 +3,76 @@
 # reads the same pre-filled topic and does nothing, on the same broker, in one run.
 #
 # The broker is tansu (Kafka-compatible, memory storage, loopback only; installed
-# by scripts/ensure-tansu.sh). The topic is filled once by the `prefill` example
-# (Zipf(1.0) keys, current timestamps, see aggregator/examples/prefill.rs); then:
-#   1. raw_consume (StreamConsumer, the aggregator's consumer settings, fresh group)
-#   2. tally aggregator (fresh group, SQLite store in a temp dir, default window,
-#      grace and 1 s flush interval), timed through its /metrics until
-#      tally_aggregator_records_total (all outcomes) reaches N
-#   3. raw_consume again (brackets the noise of a shared machine)
-#   4. (reference, not part of the ratio) raw_consume with fetch.wait.max.ms=10 and
-#      fetch.queue.backoff.ms=10: tansu answers every fetch only after the full
-#      fetch.wait.max.ms (librdkafka default 500 ms), which caps a default-configured
-#      consumer near 200k records/s on loopback; this line shows what the broker
-#      delivers when that wait is short.
-# Every rate is measured from the first record to the N-th (startup and group join
-# excluded). After the timed part the aggregator is stopped gracefully and the store
-# is checked: rows = distinct (key, window) pairs sent, sum of sums = sum of values.
+# by scripts/ensure-tansu.sh). The topic is filled once by the `prefill` example:
+# by default 3,000,000 increments in 4 partitions over 100,000 keys, Zipf(1.0)
+# popularity, event time advancing 20 records/ms, jitter up to 1.5 s (inside the
+# 2 s grace), so nothing is late, future-stamped or poison. Then, each consumer in
+# a fresh group reading from the beginning:
 #
-# Usage: scripts/bench-aggregator.sh [--records N] [--partitions P] [--keys K]
-#          [--events-per-sec R] [--poll-interval S] [--base] [--no-unthrottled]
-#          [--no-build] [--keep]
-#   --records        records in the topic (env BENCH_RECORDS, default 1000000)
-#   --partitions     partitions of the topic (env BENCH_PARTITIONS, default 4)
-#   --keys           distinct keys (env BENCH_KEYS, default 100000)
-#   --events-per-sec event-time density (env BENCH_EVENTS_PER_SEC, default 20000)
-#   --poll-interval  seconds between /metrics samples (env BENCH_POLL_INTERVAL, 0.2)
-#   --base           also time a BaseConsumer (poll loop) for reference
-#   --no-unthrottled skip the reference run of step 4
-#   --no-build       use the binaries already in target/release
-#   --keep           keep the temp dir (logs, SQLite file, metric samples)
-# Extra aggregator flags can be passed in env BENCH_AGGREGATOR_ARGS (e.g.
-# "--flush-interval 5s"); extra librdkafka settings for the raw consumers of steps
-# 1 and 3 in env BENCH_CONSUMER_CONFIG ("name=value name=value"): give the
-# aggregator the same ones, or the ratio compares different clients.
-# Needs: curl, sqlite3 (for the store check; skipped if missing), a Rust toolchain.
+#   headline, uncapped (fetch.wait.max.ms=10 on both sides: tansu holds every
+#   fetch for the full fetch.wait.max.ms, so librdkafka's 500 ms default caps any
+#   consumer near 200k records/s; a real Kafka broker answers as soon as data is
+#   there, so this is the comparison that matters in production):
+#     1. raw: an rdkafka BaseConsumer poll loop (aggregator/examples/raw_consume.rs)
+#     2. tally aggregator --store sqlite://<fresh file> --kafka-option fetch.wait.max.ms=10
+#        --flush-interval 1s (every other flag at its default)
+#     3. (--also-tally) the same with other tally binaries, e.g. one built from main
+#     4. (--large-store) the same on a store already holding that many rows of
+#        earlier windows (filled once by aggregator/examples/fill_store.rs, copied
+#        per run): the cost must stay flat as the store grows
+#     5. raw again (brackets the noise of a shared machine)
+#   context, capped (librdkafka defaults on both sides, unless --no-capped):
+#     6. raw BaseConsumer   7. tally aggregator without --kafka-option
+#
+# Every rate is measured from the first record to the N-th (startup and group join
+# excluded): the raw consumer times itself; the aggregator is timed through its
+# /metrics, polled every --poll-interval s until tally_aggregator_records_total (all
+# outcomes) reaches N, the N-th record's time interpolated between two samples.
+# Each sample also records tally_aggregator_freshness_seconds (the age of the oldest
+# counted increment not yet flushed), flushes and rows written. After each
+# aggregator run the process is stopped with SIGTERM (its final flush writes every
+# open window) and the store is checked through its own scan API
+# (aggregator/examples/check_store.rs): rows = distinct (key, window) pairs sent,
+# sum of `sum` and of `count` = what was sent (and the pre-filled rows untouched).
+#
+# Usage: scripts/bench-aggregator.sh [options]
+#   --records N         records in the topic (env BENCH_RECORDS, default 3000000)
+#   --partitions P      partitions (env BENCH_PARTITIONS, default 4)
+#   --keys K            distinct keys (env BENCH_KEYS, default 100000)
+#   --events-per-sec R  event-time density (env BENCH_EVENTS_PER_SEC, default 20000)
+#   --fetch-wait-ms MS  fetch.wait.max.ms of the uncapped runs (default 10)
+#   --large-store ROWS  also run on a store pre-filled with ROWS rows (e.g. 10000000)
+#   --no-capped         skip the capped context runs
+#   --tally PATH        the tally binary to measure (default: build this tree)
+#   --also-tally L=PATH extra uncapped aggregator run with another binary, labelled L
+#                       (repeatable; e.g. main=/tmp/tally-main)
+#   --profile DIR       after the measured runs, one more uncapped run of each tally
+#                       binary under `perf record -e cpu-clock --call-graph dwarf`
+#                       (DIR/perf-*.data), broken down per stage and thread by
+#                       scripts/bench-profile-stages.sh (DIR/stages-*.txt); these runs
+#                       are not in the ratios (perf's unwinding costs CPU)
+#   --callgrind DIR     one more uncapped run of the tally binary under valgrind's
+#                       callgrind (exact instruction counts; ~50x slower, so use it
+#                       with a smaller --records), DIR/callgrind.out
+#   --poll-interval S   seconds between /metrics samples (env BENCH_POLL_INTERVAL, 0.1)
+#   --no-build          use the binaries already in target/release
+#   --keep              keep the temp dir (logs, stores, metric samples)
+# Extra aggregator flags for every aggregator run: env BENCH_AGGREGATOR_ARGS.
+# Needs: curl, a Rust toolchain (and perf for --profile).
 set -euo pipefail
 
-RECORDS="${BENCH_RECORDS:-1000000}"
+RECORDS="${BENCH_RECORDS:-3000000}"
 PARTITIONS="${BENCH_PARTITIONS:-4}"
 KEYS="${BENCH_KEYS:-100000}"
 EVENTS_PER_SEC="${BENCH_EVENTS_PER_SEC:-20000}"
-POLL_INTERVAL="${BENCH_POLL_INTERVAL:-0.2}"
-BASE=0
-UNTHROTTLED=1
+POLL_INTERVAL="${BENCH_POLL_INTERVAL:-0.1}"
+FETCH_WAIT_MS=10
+LARGE_STORE=0
+CAPPED=1
+TALLY=""
+ALSO_TALLY=()
+PROFILE_DIR=""
+CALLGRIND_DIR=""
 BUILD=1
 KEEP=0
 while [[ $# -gt 0 ]]; do
@@ -53,9 +81,14 @@ while [[ $# -gt 0 ]]; do
     --partitions) PARTITIONS="$2"; shift 2 ;;
     --keys) KEYS="$2"; shift 2 ;;
     --events-per-sec) EVENTS_PER_SEC="$2"; shift 2 ;;
+    --fetch-wait-ms) FETCH_WAIT_MS="$2"; shift 2 ;;
+    --large-store) LARGE_STORE="$2"; shift 2 ;;
+    --no-capped) CAPPED=0; shift ;;
+    --tally) TALLY="$2"; shift 2 ;;
+    --also-tally) ALSO_TALLY+=("$2"); shift 2 ;;
+    --profile) PROFILE_DIR="$2"; shift 2 ;;
+    --callgrind) CALLGRIND_DIR="$2"; shift 2 ;;
     --poll-interval) POLL_INTERVAL="$2"; shift 2 ;;
-    --base) BASE=1; shift ;;
-    --no-unthrottled) UNTHROTTLED=0; shift ;;
     --no-build) BUILD=0; shift ;;
     --keep) KEEP=1; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -63,19 +96,32 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 RECORDS="${RECORDS//_/}"
+LARGE_STORE="${LARGE_STORE//_/}"
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 command -v curl >/dev/null || { echo "curl is needed" >&2; exit 1; }
+if [[ -n "$PROFILE_DIR" ]]; then
+  command -v perf >/dev/null || { echo "--profile needs perf (apt-get install linux-perf)" >&2; exit 1; }
+  mkdir -p "$PROFILE_DIR"
+  PROFILE_DIR="$(cd "$PROFILE_DIR" && pwd)"
+fi
+if [[ -n "$CALLGRIND_DIR" ]]; then
+  command -v valgrind >/dev/null || { echo "--callgrind needs valgrind (apt-get install valgrind)" >&2; exit 1; }
+  mkdir -p "$CALLGRIND_DIR"
+  CALLGRIND_DIR="$(cd "$CALLGRIND_DIR" && pwd)"
+fi
 
 TANSU="$("$ROOT/scripts/ensure-tansu.sh")"
 if [[ "$BUILD" == 1 ]]; then
-  cargo build --release -p tally --bin tally >&2
-  cargo build --release -p tally-aggregator --example prefill --example raw_consume >&2
+  [[ -n "$TALLY" ]] || cargo build --release -p tally --bin tally >&2
+  cargo build --release -p tally-aggregator --example prefill --example raw_consume \
+    --example fill_store --example check_store >&2
 fi
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-TALLY="$TARGET_DIR/release/tally"
+TALLY="${TALLY:-$TARGET_DIR/release/tally}"
 EXAMPLES="$TARGET_DIR/release/examples"
+[[ -x "$TALLY" ]] || { echo "no tally binary at $TALLY" >&2; exit 1; }
 
 WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/bench-aggregator.XXXXXX")"
 PIDS=()
@@ -112,11 +158,12 @@ free_port() {
   return 1
 }
 
-# CPU seconds (user + system) used so far by a running process.
+# CPU clock ticks (user + system) used so far by a running process.
 cpu_ticks() { local f; read -r -a f <"/proc/$1/stat"; echo $((f[13] + f[14])); }
 TICKS="$(getconf CLK_TCK)"
+field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; } # name line
 
-# ---- broker -----------------------------------------------------------------
+# ---- broker and topic ---------------------------------------------------------
 BROKER_PORT="$(free_port)"
 BROKERS="127.0.0.1:$BROKER_PORT"
 "$TANSU" broker --listener-url "tcp://$BROKERS" --advertised-listener-url "tcp://$BROKERS" \
@@ -132,132 +179,222 @@ TOPIC="increments"
 echo "tansu on $BROKERS; prefilling $RECORDS records ($KEYS keys, $PARTITIONS partitions)..." >&2
 PREFILL="$("$EXAMPLES/prefill" "$BROKERS" "$TOPIC" "$RECORDS" "$KEYS" "$EVENTS_PER_SEC")"
 echo "prefill: $PREFILL" >&2
-field() { sed -n "s/.*\b$1=\([^ ]*\).*/\1/p" <<<"$2"; } # name line
 EXPECTED_SUM="$(field sum "$PREFILL")"
 EXPECTED_ROWS="$(field key_windows "$PREFILL")"
+FROM_MS="$(field from_ms "$PREFILL")"
+TO_MS="$(field to_ms "$PREFILL")"
 PRODUCE_RATE="$(field rate "$PREFILL")"
+[[ "$(field partition_mismatches "$PREFILL")" == 0 ]] || { echo "prefill: records landed in unexpected partitions" >&2; exit 1; }
+EXPECTED=("$FROM_MS" "$TO_MS" "$EXPECTED_ROWS" "$EXPECTED_SUM" "$RECORDS")
+
+# ---- the large store template -------------------------------------------------
+TEMPLATE=""
+if [[ "$LARGE_STORE" -gt 0 ]]; then
+  WINDOWS=$(( (LARGE_STORE + KEYS - 1) / KEYS ))
+  TEMPLATE="$WORK_DIR/template.sqlite"
+  echo "filling a store with $KEYS keys x $WINDOWS earlier windows..." >&2
+  FILL="$("$EXAMPLES/fill_store" "sqlite://$TEMPLATE" "$KEYS" "$WINDOWS" "$FROM_MS" 1 "$PARTITIONS")"
+  echo "fill: $FILL" >&2
+  FILLED=("$(field from_ms "$FILL")" "$(field to_ms "$FILL")" "$(field rows "$FILL")" "$(field sum "$FILL")" "$(field count "$FILL")")
+  FILL_ROWS="$(field rows "$FILL")"
+  FILL_RATE="$(field rate "$FILL")"
+fi
 
 RUN_ID="$$-$RANDOM"
 LOAD_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg)"
+RESULTS="$WORK_DIR/results.txt"
+: >"$RESULTS"
 
-# ---- raw consumer -----------------------------------------------------------
-# Prints "rate cpu_seconds startup_seconds".
-raw_consume() { # group mode [extra librdkafka settings]
-  local out="$WORK_DIR/raw-$1.txt" before after line
+# ---- raw consumer -------------------------------------------------------------
+# Appends "label|rate|seconds|consumer cores|broker cores|extra" to $RESULTS.
+raw_consume() { # label group librdkafka-settings
+  local label="$1" group="$2" settings="$3" out="$WORK_DIR/raw-$2.txt" before after line cpu seconds
   before="$(cpu_ticks "$TANSU_PID")"
   local TIMEFORMAT='%U %S'
-  { time RAW_CONSUME_EXTRA="${3:-${BENCH_CONSUMER_CONFIG:-}}" "$EXAMPLES/raw_consume" "$BROKERS" "$TOPIC" "$1" "$RECORDS" "$2" >"$out" 2>"$WORK_DIR/raw-$1.log"; } 2>"$WORK_DIR/raw-$1.time"
+  { time RAW_CONSUME_EXTRA="$settings" "$EXAMPLES/raw_consume" "$BROKERS" "$TOPIC" "$group" "$RECORDS" base >"$out" 2>"$WORK_DIR/raw-$group.log"; } 2>"$WORK_DIR/raw-$group.time"
   after="$(cpu_ticks "$TANSU_PID")"
   line="$(cat "$out")"
-  echo "raw ($2, group $1): $line" >&2
-  local cpu
-  cpu="$(awk '{ printf "%.2f", $1 + $2 }' "$WORK_DIR/raw-$1.time")"
-  echo "$(field rate "$line") $(field seconds "$line") $cpu $(( after - before )) $(field first_record_after "$line")"
+  echo "$label: $line" >&2
+  seconds="$(field seconds "$line")"
+  cpu="$(awk '{ printf "%.2f", $1 + $2 }' "$WORK_DIR/raw-$group.time")"
+  printf '%s|%s|%s|~%s|%s|%s\n' "$label" "$(field rate "$line")" "$seconds" \
+    "$(awk -v c="$cpu" -v s="$seconds" 'BEGIN { printf "%.2f", c / s }')" \
+    "$(awk -v t="$((after - before))" -v k="$TICKS" -v s="$seconds" 'BEGIN { printf "%.2f", t / k / s }')" \
+    "" >>"$RESULTS"
 }
 
-read -r RAW1_RATE RAW1_SECONDS RAW1_CPU RAW1_BROKER_TICKS RAW1_STARTUP < <(raw_consume "raw1-$RUN_ID" stream)
-
 # ---- aggregator ---------------------------------------------------------------
-METRICS_PORT="$(free_port)"
-STORE_PATH="$WORK_DIR/bench.sqlite"
-# shellcheck disable=SC2086 # BENCH_AGGREGATOR_ARGS is a list of flags
-"$TALLY" aggregator --brokers "$BROKERS" --topic "$TOPIC" --dlq-topic "$TOPIC.dlq" \
-  --group "bench-$RUN_ID" --store "sqlite://$STORE_PATH" \
-  --metrics-listen "127.0.0.1:$METRICS_PORT" ${BENCH_AGGREGATOR_ARGS:-} \
-  >"$WORK_DIR/aggregator.log" 2>&1 &
-AGG_PID=$!
-PIDS+=("$AGG_PID")
-AGG_STARTED="$EPOCHREALTIME"
-
-# One sample: "time records rows_written aggregator_cpu_ticks broker_cpu_ticks
-# flush_seconds_sum flushes".
-sample() {
+# One /metrics sample: "time records rows_written aggregator_ticks broker_ticks
+# flush_seconds_sum flushes freshness_seconds".
+sample() { # pid port
   local now="$EPOCHREALTIME" metrics
-  metrics="$(curl -fsS --max-time 2 "http://127.0.0.1:$METRICS_PORT/metrics" 2>/dev/null)" || return 1
-  printf '%s\n' "$metrics" >"$WORK_DIR/aggregator-metrics.txt"
-  awk -v now="$now" -v agg="$(cpu_ticks "$AGG_PID")" -v broker="$(cpu_ticks "$TANSU_PID")" '
+  metrics="$(curl -fsS --max-time 2 "http://127.0.0.1:$2/metrics" 2>/dev/null)" || return 1
+  awk -v now="$now" -v agg="$(cpu_ticks "$1")" -v broker="$(cpu_ticks "$TANSU_PID")" '
     /^tally_aggregator_records_total/ { records += $2 }
     /^tally_aggregator_rows_written_total/ { rows += $2 }
     /^tally_aggregator_flush_duration_seconds_sum/ { flush = $2 }
     /^tally_aggregator_flush_duration_seconds_count/ { flushes = $2 }
-    END { printf "%s %d %d %d %d %.6f %d\n", now, records, rows, agg, broker, flush, flushes }
+    /^tally_aggregator_freshness_seconds/ { fresh = $2 }
+    END { printf "%s %d %d %d %d %.6f %d %.3f\n", now, records, rows, agg, broker, flush, flushes, fresh }
   ' <<<"$metrics"
 }
 
-SAMPLES="$WORK_DIR/aggregator-samples.txt"
-: >"$SAMPLES"
-DEADLINE=$((SECONDS + 600))
-while :; do
-  kill -0 "$AGG_PID" 2>/dev/null || { cat "$WORK_DIR/aggregator.log" >&2; echo "aggregator exited" >&2; exit 1; }
-  ((SECONDS < DEADLINE)) || { echo "aggregator did not consume $RECORDS records in time" >&2; exit 1; }
-  if line="$(sample)"; then
-    echo "$line" >>"$SAMPLES"
-    read -r _ count _ _ _ <<<"$line"
-    ((count >= RECORDS)) && break
+# Runs one aggregator to N records, stops it, checks its store; appends a result.
+run_aggregator() { # label tally-binary store-template-or-empty profiler(none|perf|callgrind) extra flags...
+  local label="$1" binary="$2" template="$3" profiler="$4"
+  shift 4
+  local slug="agg-${#PIDS[@]}" port store pid started samples line count perf_pid="" wrapper=()
+  port="$(free_port)"
+  store="$WORK_DIR/$slug.sqlite"
+  if [[ -n "$template" ]]; then
+    cp "$template" "$store"
+    for suffix in -wal -shm; do [[ -e "$template$suffix" ]] && cp "$template$suffix" "$store$suffix"; done
   fi
-  sleep "$POLL_INTERVAL"
-done
+  [[ "$profiler" != callgrind ]] || wrapper=(valgrind --tool=callgrind "--callgrind-out-file=$CALLGRIND_DIR/callgrind.out")
+  # shellcheck disable=SC2086 # BENCH_AGGREGATOR_ARGS is a list of flags
+  "${wrapper[@]}" "$binary" aggregator --brokers "$BROKERS" --topic "$TOPIC" --dlq-topic "$TOPIC.dlq" \
+    --group "bench-$slug-$RUN_ID" --store "sqlite://$store" --flush-interval 1s \
+    --metrics-listen "127.0.0.1:$port" "$@" ${BENCH_AGGREGATOR_ARGS:-} \
+    >"$WORK_DIR/$slug.log" 2>&1 &
+  pid=$!
+  PIDS+=("$pid")
+  started="$EPOCHREALTIME"
+  if [[ "$profiler" == perf ]]; then
+    perf record -e cpu-clock -F 999 --call-graph dwarf,16384 -p "$pid" \
+      -o "$PROFILE_DIR/perf-$slug.data" >"$WORK_DIR/perf-$slug.log" 2>&1 &
+    perf_pid=$!
+    PIDS+=("$perf_pid")
+  fi
+  samples="$WORK_DIR/$slug-samples.txt"
+  : >"$samples"
+  local deadline=$((SECONDS + 900))
+  while :; do
+    kill -0 "$pid" 2>/dev/null || { cat "$WORK_DIR/$slug.log" >&2; echo "$label: aggregator exited" >&2; exit 1; }
+    ((SECONDS < deadline)) || { echo "$label: did not consume $RECORDS records in time" >&2; exit 1; }
+    if line="$(sample "$pid" "$port")"; then
+      echo "$line" >>"$samples"
+      read -r _ count _ <<<"$line"
+      ((count >= RECORDS)) && break
+    fi
+    sleep "$POLL_INTERVAL"
+  done
+  if [[ -n "$perf_pid" ]]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+  fi
+  local rss_kib
+  rss_kib="$(awk '/^VmHWM:/ { print $2 }' "/proc/$pid/status")"
+  # The clock starts at the first sample with records > 0; the N-th record's time
+  # is interpolated between the last two samples.
+  local stats
+  stats="$(awk -v n="$RECORDS" -v ticks="$TICKS" '
+    $2 > 0 && !t0 { t0 = $1; c0 = $2; a0 = $4; b0 = $5; f0 = $6; k0 = $7; r0 = $3 }
+    t0 && !t1 { fresh[++nf] = $8; if ($8 > fmax) fmax = $8 }
+    { if ($2 >= n && !t1) { t1 = pt + (n - pc) / ($2 - pc) * ($1 - pt); a1 = $4; b1 = $5; r1 = $3; f1 = $6; k1 = $7 } pt = $1; pc = $2 }
+    END {
+      s = t1 - t0
+      # median of the freshness samples of the timed part
+      for (i = 1; i <= nf; i++) for (j = i + 1; j <= nf; j++) if (fresh[j] < fresh[i]) { x = fresh[i]; fresh[i] = fresh[j]; fresh[j] = x }
+      med = nf ? fresh[int((nf + 1) / 2)] : 0
+      printf "%.0f %.3f %.2f %.2f %.2f %d %.2f %d %.2f %.2f %d\n", (n - c0) / s, s, (a1 - a0) / ticks / s, (b1 - b0) / ticks / s, (a1 - a0) / ticks / (n - c0) * 1e6, k1 - k0, f1 - f0, r1 - r0, fmax, med, nf
+    }' "$samples")"
+  local rate seconds cores broker_cores us_per_record flushes flush_seconds rows fresh_max fresh_median fresh_samples
+  read -r rate seconds cores broker_cores us_per_record flushes flush_seconds rows fresh_max fresh_median fresh_samples <<<"$stats"
+  echo "$label: rate=$rate seconds=$seconds cores=$cores" >&2
 
-# First sample with records > 0 starts the clock; the N-th record's time is
-# interpolated between the last two samples.
-read -r AGG_RATE AGG_SECONDS AGG_STARTUP AGG_CPU AGG_BROKER_TICKS AGG_ROWS AGG_FLUSH_SECONDS AGG_FLUSHES < <(awk -v n="$RECORDS" -v start="$AGG_STARTED" -v ticks="$TICKS" '
-  $2 > 0 && !t0 { t0 = $1; c0 = $2; a0 = $4; b0 = $5; f0 = $6; k0 = $7 }
-  { if ($2 >= n && !t1) { t1 = pt + (n - pc) / ($2 - pc) * ($1 - pt); a1 = $4; b1 = $5; r1 = $3; f1 = $6; k1 = $7 } pt = $1; pc = $2 }
-  END {
-    printf "%.0f %.3f %.2f %.2f %d %d %.3f %d\n", (n - c0) / (t1 - t0), t1 - t0, t0 - start, (a1 - a0) / ticks, b1 - b0, r1, f1 - f0, k1 - k0
-  }' "$SAMPLES")
-echo "aggregator: rate=$AGG_RATE seconds=$AGG_SECONDS (first records after ${AGG_STARTUP}s), rows written so far $AGG_ROWS" >&2
-
-# Graceful stop: the final flush writes every open window; then check the store.
-kill -TERM "$AGG_PID"
-for _ in $(seq 1 300); do kill -0 "$AGG_PID" 2>/dev/null || break; sleep 0.1; done
-if kill -0 "$AGG_PID" 2>/dev/null; then echo "aggregator did not stop within 30 s" >&2; exit 1; fi
-wait "$AGG_PID" 2>/dev/null || true
-STORE_CHECK="skipped (no sqlite3)"
-STORE_ROWS="?"
-if command -v sqlite3 >/dev/null; then
-  IFS='|' read -r STORE_ROWS STORE_SUM STORE_COUNT < <(sqlite3 "$STORE_PATH" \
-    'SELECT count(*), sum(sum), sum(count) FROM window_sums;')
-  if [[ "$STORE_ROWS" == "$EXPECTED_ROWS" && "$STORE_SUM" == "$EXPECTED_SUM" && "$STORE_COUNT" == "$RECORDS" ]]; then
-    STORE_CHECK="ok ($STORE_ROWS rows, sum $STORE_SUM, count $STORE_COUNT)"
+  kill -TERM "$pid"
+  for _ in $(seq 1 3000); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then echo "$label: aggregator did not stop within 300 s" >&2; exit 1; fi
+  wait "$pid" 2>/dev/null || true
+  local check=("${EXPECTED[@]}") verdict
+  [[ -z "$template" ]] || check+=("${FILLED[@]}")
+  if verdict="$("$EXAMPLES/check_store" "sqlite://$store" "${check[@]}" 2>&1)"; then
+    verdict="exact ($(head -1 <<<"$verdict" | sed 's/^ok //; s/ \[.*//')$([[ -z "$template" ]] || echo "; pre-filled rows untouched"))"
   else
-    STORE_CHECK="MISMATCH: rows $STORE_ROWS/$EXPECTED_ROWS, sum $STORE_SUM/$EXPECTED_SUM, count $STORE_COUNT/$RECORDS"
+    verdict="NOT EXACT: $(tr '\n' ';' <<<"$verdict")"
+    STORE_FAILURES=$((STORE_FAILURES + 1))
   fi
+  echo "$label: store $verdict" >&2
+  printf '%s|%s|%s|%s|%s|%s\n' "$label" "$rate" "$seconds" "$cores" "$broker_cores" \
+    "$us_per_record us/record; $flushes flushes, ${flush_seconds} s in flushes; $rows rows written; freshness max ${fresh_max} s, median ${fresh_median} s over $fresh_samples samples; peak RSS $((rss_kib / 1024)) MiB; store $verdict" >>"$RESULTS"
+  rm -f "$store" "$store-wal" "$store-shm"
+  if [[ "$profiler" == perf ]]; then
+    echo "$label: perf profile in $PROFILE_DIR/perf-$slug.data" >>"$PROFILE_DIR/runs.txt"
+    "$ROOT/scripts/bench-profile-stages.sh" "$PROFILE_DIR/perf-$slug.data" "$RECORDS" >"$PROFILE_DIR/stages-$slug.txt"
+    PROFILES+=("$label|$PROFILE_DIR/stages-$slug.txt")
+  fi
+}
+PROFILES=()
+STORE_FAILURES=0
+
+# ---- the runs -----------------------------------------------------------------
+UNCAPPED="fetch.wait.max.ms=$FETCH_WAIT_MS"
+raw_consume "raw BaseConsumer #1 (uncapped)" "raw1-$RUN_ID" "$UNCAPPED"
+run_aggregator "tally aggregator (uncapped)" "$TALLY" "" none --kafka-option "$UNCAPPED"
+for also in "${ALSO_TALLY[@]}"; do
+  run_aggregator "tally aggregator [${also%%=*}] (uncapped)" "${also#*=}" "" none --kafka-option "$UNCAPPED"
+done
+if [[ -n "$TEMPLATE" ]]; then
+  run_aggregator "tally aggregator, $FILL_ROWS-row store (uncapped)" "$TALLY" "$TEMPLATE" none \
+    --kafka-option "$UNCAPPED"
+fi
+raw_consume "raw BaseConsumer #2 (uncapped)" "raw2-$RUN_ID" "$UNCAPPED"
+if [[ "$CAPPED" == 1 ]]; then
+  raw_consume "raw BaseConsumer (capped: defaults)" "raw3-$RUN_ID" ""
+  run_aggregator "tally aggregator (capped: defaults)" "$TALLY" "" none
+fi
+# Profiled runs come last and are not in any ratio.
+if [[ -n "$PROFILE_DIR" ]]; then
+  run_aggregator "profiled: tally aggregator (uncapped)" "$TALLY" "" perf --kafka-option "$UNCAPPED"
+  for also in "${ALSO_TALLY[@]}"; do
+    run_aggregator "profiled: tally aggregator [${also%%=*}] (uncapped)" "${also#*=}" "" perf --kafka-option "$UNCAPPED"
+  done
+fi
+if [[ -n "$CALLGRIND_DIR" ]]; then
+  run_aggregator "callgrind: tally aggregator (uncapped)" "$TALLY" "" callgrind --kafka-option "$UNCAPPED"
 fi
 
-read -r RAW2_RATE RAW2_SECONDS RAW2_CPU RAW2_BROKER_TICKS RAW2_STARTUP < <(raw_consume "raw2-$RUN_ID" stream)
-if [[ "$UNTHROTTLED" == 1 ]]; then
-  read -r FAST_RATE FAST_SECONDS FAST_CPU FAST_BROKER_TICKS FAST_STARTUP < <(raw_consume "fast-$RUN_ID" stream "fetch.wait.max.ms=10 fetch.queue.backoff.ms=10")
-fi
-if [[ "$BASE" == 1 ]]; then
-  read -r BASE_RATE BASE_SECONDS BASE_CPU BASE_BROKER_TICKS BASE_STARTUP < <(raw_consume "base-$RUN_ID" base)
-fi
-
-# ---- report -----------------------------------------------------------------
-RAW_MEAN="$(awk -v a="$RAW1_RATE" -v b="$RAW2_RATE" 'BEGIN { printf "%.0f", (a + b) / 2 }')"
-RATIO="$(awk -v a="$AGG_RATE" -v b="$RAW_MEAN" 'BEGIN { printf "%.2f", a / b }')"
-per_record() { awk -v c="$1" -v s="$2" -v r="$3" 'BEGIN { printf "%.2f", c / s / r * 1e6 }'; } # cpu secs rate -> us/record
-broker_cpu() { awk -v t="$1" -v k="$TICKS" -v s="$2" 'BEGIN { printf "%.2f", t / k / s }'; } # ticks secs -> cores
-
+# ---- report -------------------------------------------------------------------
 LOAD_AFTER="$(cut -d' ' -f1-3 /proc/loadavg)"
+rate_of() { awk -F'|' -v l="$1" '$1 == l { print $2 }' "$RESULTS"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+RAW_MEAN="$(awk -v a="$(rate_of "raw BaseConsumer #1 (uncapped)")" -v b="$(rate_of "raw BaseConsumer #2 (uncapped)")" 'BEGIN { printf "%.0f", (a + b) / 2 }')"
+AGG="$(rate_of "tally aggregator (uncapped)")"
 
 echo
 echo "machine: $(nproc) cores, load average $LOAD_BEFORE before, $LOAD_AFTER after (other work on the machine skews all rates)"
-[[ -z "${BENCH_CONSUMER_CONFIG:-}" ]] || echo "raw consumers #1/#2 with: $BENCH_CONSUMER_CONFIG"
 echo "tansu memory://, $PARTITIONS partitions, $RECORDS records, $KEYS keys (Zipf 1.0), $EVENTS_PER_SEC records per event-second; produced at $PRODUCE_RATE/s"
-echo "rates from the first record to the $RECORDS-th; CPU = process CPU (user+sys) over the timed part"
-printf "%-22s %12s %9s %14s %14s\n" consumer "records/s" "seconds" "consumer cores" "broker cores"
-printf "%-22s %12s %9s %14s %14s\n" "raw StreamConsumer #1" "$RAW1_RATE" "$RAW1_SECONDS" "~$(awk -v c="$RAW1_CPU" -v s="$RAW1_SECONDS" 'BEGIN { printf "%.2f", c / s }')" "$(broker_cpu "$RAW1_BROKER_TICKS" "$RAW1_SECONDS")"
-printf "%-22s %12s %9s %14s %14s\n" "tally aggregator" "$AGG_RATE" "$AGG_SECONDS" "$(awk -v c="$AGG_CPU" -v s="$AGG_SECONDS" 'BEGIN { printf "%.2f", c / s }')" "$(broker_cpu "$AGG_BROKER_TICKS" "$AGG_SECONDS")"
-printf "%-22s %12s %9s %14s %14s\n" "raw StreamConsumer #2" "$RAW2_RATE" "$RAW2_SECONDS" "~$(awk -v c="$RAW2_CPU" -v s="$RAW2_SECONDS" 'BEGIN { printf "%.2f", c / s }')" "$(broker_cpu "$RAW2_BROKER_TICKS" "$RAW2_SECONDS")"
-if [[ "$UNTHROTTLED" == 1 ]]; then
-  printf "%-22s %12s %9s %14s %14s\n" "raw, fetch wait 10ms" "$FAST_RATE" "$FAST_SECONDS" "~$(awk -v c="$FAST_CPU" -v s="$FAST_SECONDS" 'BEGIN { printf "%.2f", c / s }')" "$(broker_cpu "$FAST_BROKER_TICKS" "$FAST_SECONDS")"
+echo "tally: $TALLY$(for also in "${ALSO_TALLY[@]}"; do printf '; [%s] %s' "${also%%=*}" "${also#*=}"; done)"
+[[ -z "$TEMPLATE" ]] || echo "large store: $FILL_ROWS rows of earlier windows, written at $FILL_RATE rows/s"
+echo "rates from the first record to the $RECORDS-th; cores = process CPU (user+sys) / timed seconds ('~': includes startup and group join)"
+printf "%-46s %11s %8s %7s %7s\n" consumer "records/s" seconds cores broker
+while IFS='|' read -r label rate seconds cores broker _; do
+  printf "%-46s %11s %8s %7s %7s\n" "$label" "$rate" "$seconds" "$cores" "$broker"
+done <"$RESULTS"
+echo
+while IFS='|' read -r label _ _ _ _ extra; do
+  [[ -z "$extra" ]] || echo "$label: $extra"
+done <"$RESULTS"
+echo
+echo "HEADLINE uncapped ratio aggregator / mean(raw #1, raw #2 = $RAW_MEAN): $(ratio "$AGG" "$RAW_MEAN") (target >= 0.80)"
+for also in "${ALSO_TALLY[@]}"; do
+  label="tally aggregator [${also%%=*}] (uncapped)"
+  echo "  [${also%%=*}] uncapped ratio: $(ratio "$(rate_of "$label")" "$RAW_MEAN")"
+done
+if [[ -n "$TEMPLATE" ]]; then
+  LARGE="$(rate_of "tally aggregator, $FILL_ROWS-row store (uncapped)")"
+  echo "large store: $FILL_ROWS-row store / empty store: $(ratio "$LARGE" "$AGG") (target >= 0.90); against raw: $(ratio "$LARGE" "$RAW_MEAN")"
 fi
-if [[ "$BASE" == 1 ]]; then
-  printf "%-22s %12s %9s %14s %14s\n" "raw BaseConsumer" "$BASE_RATE" "$BASE_SECONDS" "~$(awk -v c="$BASE_CPU" -v s="$BASE_SECONDS" 'BEGIN { printf "%.2f", c / s }')" "$(broker_cpu "$BASE_BROKER_TICKS" "$BASE_SECONDS")"
+if [[ "$CAPPED" == 1 ]]; then
+  echo "context, capped (librdkafka defaults): aggregator / raw: $(ratio "$(rate_of "tally aggregator (capped: defaults)")" "$(rate_of "raw BaseConsumer (capped: defaults)")")"
 fi
-echo "aggregator CPU: $(per_record "$AGG_CPU" "$AGG_SECONDS" "$AGG_RATE") us per record over the timed part ($AGG_CPU s)"
-echo "store flushes in the timed part: $AGG_FLUSHES taking $AGG_FLUSH_SECONDS s in all ($(awk -v f="$AGG_FLUSH_SECONDS" -v s="$AGG_SECONDS" 'BEGIN { printf "%.0f", 100 * f / s }') % of it)"
-echo "rows written during the timed part: $AGG_ROWS (aggregator flags: ${BENCH_AGGREGATOR_ARGS:-defaults, 1 s flush interval}); store after graceful stop: $STORE_CHECK"
-echo "ratio aggregator / mean(raw #1, raw #2 = $RAW_MEAN): $RATIO (target >= 0.80)"
-echo "(raw consumer CPU '~' includes its startup and group join; 'raw, fetch wait 10ms' is a reference, not part of the ratio)"
+for profile in "${PROFILES[@]}"; do
+  echo
+  echo "== ${profile%%|*}: where the CPU goes (perf cpu-clock samples, ${profile#*|})"
+  cat "${profile#*|}"
+done
+[[ -z "$CALLGRIND_DIR" ]] || echo "callgrind profile: $CALLGRIND_DIR/callgrind.out (callgrind_annotate --inclusive=yes $CALLGRIND_DIR/callgrind.out)"
+if [[ "$STORE_FAILURES" -gt 0 ]]; then
+  echo "STORE CHECK FAILED in $STORE_FAILURES run(s)" >&2
+  exit 1
+fi

@@ -2,14 +2,19 @@
 //! a consumer that reads a topic from the beginning in a fresh group and does nothing
 //! with the records, timed until it has seen RECORDS of them.
 //!
-//! Usage: `raw_consume BROKERS TOPIC GROUP RECORDS [stream|base]`
+//! Usage: `raw_consume BROKERS TOPIC GROUP RECORDS [base|stream]`
 //!
-//! `stream` (default): an rdkafka `StreamConsumer` awaited in a loop on a
-//! multi-threaded tokio runtime — the same client type, runtime and consumer
-//! settings as `tally aggregator` (`aggregator/src/consumer.rs`), so the ratio
-//! between the two measures what the aggregator's own work costs.
-//! `base`: a `BaseConsumer` polled on the main thread (the cheapest way to read
-//! with librdkafka), for reference.
+//! `base` (default): a `BaseConsumer` polled on the main thread, the cheapest way
+//! to read with librdkafka and what an outside benchmarker would write: the
+//! baseline of the headline ratio.
+//! `stream`: an rdkafka `StreamConsumer` awaited in a loop on a multi-threaded
+//! tokio runtime (the client type `tally aggregator` uses), for reference.
+//!
+//! Settings: librdkafka's defaults plus a group, `auto.offset.reset=earliest` and
+//! no auto-commit, then every `name=value` of env RAW_CONSUME_EXTRA (space
+//! separated), e.g. `fetch.wait.max.ms=10` for the uncapped comparison; give the
+//! aggregator the same ones (`--kafka-option`), or the ratio compares different
+//! fetch behaviour.
 //!
 //! Prints one line on stdout:
 //! `records=N first_record_after=T0 seconds=T rate=R bytes=B` where T is the time
@@ -24,25 +29,23 @@ use anyhow::{bail, Context};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
-/// Parses the statistics like the aggregator's context does, then drops them.
+/// A context that does nothing (statistics stay off: librdkafka's default).
 struct Quiet;
 
-impl ClientContext for Quiet {
-    fn stats(&self, _statistics: Statistics) {}
-}
+impl ClientContext for Quiet {}
 
 impl ConsumerContext for Quiet {}
 
-/// The consumer settings of `tally aggregator`, from the library itself.
+/// Plain consumer settings (see the module documentation).
 fn config(brokers: &str, group: &str) -> ClientConfig {
-    let mut config = tally_aggregator::consumer::consumer_config(brokers, group, &[]);
-    // The aggregator assigns explicit positions; this plain subscriber starts a new
-    // group at the beginning instead.
-    config.set("auto.offset.reset", "earliest");
-    // Extra settings for experiments, e.g. RAW_CONSUME_EXTRA="fetch.max.bytes=1048576".
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest");
     if let Ok(extra) = std::env::var("RAW_CONSUME_EXTRA") {
         for pair in extra.split_whitespace() {
             if let Some((name, value)) = pair.split_once('=') {
@@ -95,11 +98,11 @@ impl Tally {
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.len() < 4 {
-        bail!("usage: raw_consume BROKERS TOPIC GROUP RECORDS [stream|base]");
+        bail!("usage: raw_consume BROKERS TOPIC GROUP RECORDS [base|stream]");
     }
     let (brokers, topic, group) = (&args[0], &args[1], &args[2]);
     let records: u64 = args[3].replace('_', "").parse().context("RECORDS")?;
-    let mode = args.get(4).map_or("stream", String::as_str);
+    let mode = args.get(4).map_or("base", String::as_str);
     let deadline = Duration::from_secs(600);
     match mode {
         "stream" => {

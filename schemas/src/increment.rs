@@ -59,7 +59,22 @@ impl InvalidIncrement {
 /// `key` a UUID string in 8-4-4-4-12 hyphenated form (any letter case; braces, URN
 /// and 32-digit forms are refused so every producer agrees on one text); `value` a
 /// JSON integer in `1..=2^63-1` (no fraction, exponent, string or null).
+///
+/// The answer is always the one of [`decode_increment_strict`]: bodies in the shape
+/// producers normally send are recognised by [`decode_canonical`] without building
+/// a JSON parser, and everything else (including every rejection) goes to the strict
+/// decoder.
 pub fn decode_increment(bytes: &[u8]) -> Result<Increment, InvalidIncrement> {
+    match decode_canonical(bytes) {
+        Some(increment) => Ok(increment),
+        None => decode_increment_strict(bytes),
+    }
+}
+
+/// The strict decoder alone (serde_json plus the contract's rules), without the
+/// fast path. [`decode_increment`] answers exactly as this function does; it is
+/// public so tests and benchmarks can hold the two side by side.
+pub fn decode_increment_strict(bytes: &[u8]) -> Result<Increment, InvalidIncrement> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(InvalidIncrement::new(
             RejectReason::InvalidJson,
@@ -79,6 +94,184 @@ pub fn decode_increment(bytes: &[u8]) -> Result<Increment, InvalidIncrement> {
         .end()
         .map_err(|err| InvalidIncrement::new(RejectReason::InvalidJson, err.to_string()))?;
     Ok(increment)
+}
+
+/// The fast path: recognises the bodies producers normally send and decodes them
+/// without a JSON parser; `None` means "not recognised", never "invalid".
+///
+/// It accepts exactly the texts of this grammar, and nothing else:
+///
+/// ```text
+/// body   = ws "{" ws field ws "," ws field ws "}" ws     one "key" and one "value" field, either order
+/// key    = "\"key\"" ws ":" ws "\"" uuid "\""            uuid: 8-4-4-4-12 hex digits, any case, no escapes
+/// value  = "\"value\"" ws ":" ws [1-9] [0-9]{0,18}       and at most 9223372036854775807
+/// ws     = (" " | "\t" | "\n" | "\r")*                   JSON's whitespace, as serde_json reads it
+/// ```
+///
+/// Every such text is well-formed JSON with no escapes, no duplicate or unknown
+/// field, a key of the hyphenated form the strict decoder checks and a plain integer
+/// in range, so [`decode_increment_strict`] accepts it with the same key and value
+/// (the differential property test in `schemas/tests/fast_path.rs` checks this on
+/// near-canonical inputs). Anything outside the grammar (escapes, leading zeros,
+/// exponents, 20+ digits, other whitespace, trailing bytes, non-ASCII) is left to
+/// the strict decoder, which also produces every rejection and its detail.
+pub fn decode_canonical(bytes: &[u8]) -> Option<Increment> {
+    let mut cursor = Cursor { rest: bytes };
+    cursor.skip_whitespace();
+    cursor.eat(b'{')?;
+    cursor.skip_whitespace();
+    let increment = if cursor.eat_literal(b"\"key\"") {
+        let key = cursor.key_after_name()?;
+        cursor.between_fields()?;
+        cursor.eat_literal(b"\"value\"").then_some(())?;
+        let value = cursor.value_after_name()?;
+        Increment { key, value }
+    } else if cursor.eat_literal(b"\"value\"") {
+        let value = cursor.value_after_name()?;
+        cursor.between_fields()?;
+        cursor.eat_literal(b"\"key\"").then_some(())?;
+        let key = cursor.key_after_name()?;
+        Increment { key, value }
+    } else {
+        return None;
+    };
+    cursor.skip_whitespace();
+    cursor.eat(b'}')?;
+    cursor.skip_whitespace();
+    cursor.rest.is_empty().then_some(increment)
+}
+
+/// The unread part of a body, for [`decode_canonical`].
+struct Cursor<'a> {
+    rest: &'a [u8],
+}
+
+/// Hex digit values by byte; `INVALID_HEX` for every other byte.
+const INVALID_HEX: u8 = 0xff;
+static HEX_VALUES: [u8; 256] = {
+    let mut table = [INVALID_HEX; 256];
+    let mut digit = 0u8;
+    while digit < 10 {
+        table[(b'0' + digit) as usize] = digit;
+        digit += 1;
+    }
+    let mut letter = 0u8;
+    while letter < 6 {
+        table[(b'a' + letter) as usize] = 10 + letter;
+        table[(b'A' + letter) as usize] = 10 + letter;
+        letter += 1;
+    }
+    table
+};
+
+/// Where the two hex digits of each of the 16 bytes sit in `8-4-4-4-12` text.
+const HEX_PAIR_POSITIONS: [[usize; 2]; 16] = {
+    let mut pairs = [[0usize; 2]; 16];
+    let mut digit = 0;
+    let mut at = 0;
+    while digit < 32 {
+        if at == 8 || at == 13 || at == 18 || at == 23 {
+            at += 1;
+        }
+        pairs[digit / 2][digit % 2] = at;
+        digit += 1;
+        at += 1;
+    }
+    pairs
+};
+
+impl Cursor<'_> {
+    fn skip_whitespace(&mut self) {
+        while let [b' ' | b'\t' | b'\n' | b'\r', rest @ ..] = self.rest {
+            self.rest = rest;
+        }
+    }
+
+    fn eat(&mut self, byte: u8) -> Option<()> {
+        match self.rest {
+            [first, rest @ ..] if *first == byte => {
+                self.rest = rest;
+                Some(())
+            }
+            _ => None,
+        }
+    }
+
+    fn eat_literal(&mut self, literal: &[u8]) -> bool {
+        match self.rest.strip_prefix(literal) {
+            Some(rest) => {
+                self.rest = rest;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `ws "," ws` between the two fields.
+    fn between_fields(&mut self) -> Option<()> {
+        self.skip_whitespace();
+        self.eat(b',')?;
+        self.skip_whitespace();
+        Some(())
+    }
+
+    /// `ws ":" ws`, after a field name.
+    fn colon(&mut self) -> Option<()> {
+        self.skip_whitespace();
+        self.eat(b':')?;
+        self.skip_whitespace();
+        Some(())
+    }
+
+    /// `ws ":" ws "\"" uuid "\""`.
+    fn key_after_name(&mut self) -> Option<Uuid> {
+        self.colon()?;
+        let (text, rest) = match self.rest {
+            [b'"', rest @ ..] if rest.len() > 36 && rest[36] == b'"' => rest.split_at(36),
+            _ => return None,
+        };
+        let text: &[u8; 36] = text.try_into().ok()?;
+        if text[8] != b'-' || text[13] != b'-' || text[18] != b'-' || text[23] != b'-' {
+            return None;
+        }
+        // Each byte from its two digits independently (no carried 128-bit shift),
+        // so the 16 bytes decode in parallel.
+        let mut uuid = [0u8; 16];
+        let mut invalid = 0u8;
+        for (byte, positions) in uuid.iter_mut().zip(HEX_PAIR_POSITIONS.iter()) {
+            let high = HEX_VALUES[usize::from(text[positions[0]])];
+            let low = HEX_VALUES[usize::from(text[positions[1]])];
+            invalid |= high | low;
+            *byte = (high << 4) | (low & 0x0f);
+        }
+        if invalid & 0xf0 != 0 {
+            return None;
+        }
+        // Skip the 36 characters and the closing quote.
+        self.rest = &rest[1..];
+        Some(Uuid::from_bytes(uuid))
+    }
+
+    /// `ws ":" ws [1-9][0-9]{0,18}`, at most `i64::MAX`.
+    fn value_after_name(&mut self) -> Option<i64> {
+        self.colon()?;
+        let digits = self
+            .rest
+            .iter()
+            .take_while(|byte| byte.is_ascii_digit())
+            .count();
+        // 19 digits always fit in a u64; more are beyond i64 or have a leading zero.
+        if digits == 0 || digits > 19 || self.rest[0] == b'0' {
+            return None;
+        }
+        let (text, rest) = self.rest.split_at(digits);
+        let value = text
+            .iter()
+            .fold(0u64, |value, byte| value * 10 + u64::from(byte - b'0'));
+        let value = i64::try_from(value).ok()?;
+        self.rest = rest;
+        Some(value)
+    }
 }
 
 /// A rule broken inside the visitor is recorded in `rejection`; anything else that
