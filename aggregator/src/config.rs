@@ -75,6 +75,15 @@ pub struct AggregatorConfig {
     /// offset for this long.
     #[arg(long, env = "TALLY_STALL_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub stall_timeout: Duration,
+    /// A partition that read nothing for this long while it holds open windows gets
+    /// an idle marker, so its windows become final without new traffic. `0s`: never.
+    #[arg(long, env = "TALLY_IDLE_AFTER", default_value = "5s", value_parser = parse_duration)]
+    pub idle_after: Duration,
+    /// Idle markers are stamped this long before now. At least the edge's
+    /// `--delivery-timeout` plus the clock skew between hosts, so a marker never makes
+    /// an acknowledged record late; windows close this much later when idle.
+    #[arg(long, env = "TALLY_IDLE_MARKER_LAG", default_value = "10s", value_parser = parse_duration)]
+    pub idle_marker_lag: Duration,
     #[command(flatten)]
     pub scylla: ScyllaArgs,
     /// Extra librdkafka settings for the consumer and the dead-letter producer as

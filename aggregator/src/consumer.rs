@@ -39,7 +39,7 @@ pub use rebalance::AggregatorContext;
 use crate::config::AggregatorConfig;
 use crate::error::AggregatorError;
 use crate::metrics::AggregatorMetrics;
-use crate::protocol::{Event, Protocol, ProtocolConfig, Record};
+use crate::protocol::{Event, IdleMarkers, Protocol, ProtocolConfig, Record};
 use shell::{AggregatorConsumer, Shell};
 
 /// Dead letters sent and not yet acknowledged before reading pauses.
@@ -118,6 +118,10 @@ pub async fn run_with_store(
         engine: engine_config,
         accept_data_loss: config.accept_data_loss,
         max_outstanding_letters: MAX_OUTSTANDING_LETTERS,
+        idle_markers: (!config.idle_after.is_zero()).then(|| IdleMarkers {
+            idle_after_ms: i64::try_from(config.idle_after.as_millis()).unwrap_or(i64::MAX),
+            stamp_lag_ms: i64::try_from(config.idle_marker_lag.as_millis()).unwrap_or(i64::MAX),
+        }),
     });
     let dead_letters = dead_letters::DeadLetters::new(
         DeadLetterProducer::with_options(
@@ -145,6 +149,9 @@ pub async fn run_with_store(
             .create_with_context(AggregatorContext::new(Arc::clone(&shell)))?,
     );
     shell.set_consumer(&consumer);
+    shell.start_committer().map_err(|err| {
+        AggregatorError::Fatal(format!("could not start the commit thread: {err}"))
+    })?;
     let writer = writer::spawn(
         Arc::clone(&shell),
         to_write,
@@ -247,6 +254,7 @@ fn records(shell: &Arc<Shell>, consumer: &AggregatorConsumer, batch: &[BorrowedM
                 key: message.key(),
                 value: message.payload(),
                 redriven_from: redriven_from(message),
+                marker: is_marker(message),
             };
             protocol.handle_into(Event::Record { record, now_ms }, &mut commands);
         }
@@ -290,6 +298,15 @@ fn consumer_error(
         }
         err => warn!(%err, "consumer error"),
     }
+}
+
+/// Whether the record is an idle marker (`tally.marker` header).
+fn is_marker(message: &BorrowedMessage<'_>) -> bool {
+    message.headers().is_some_and(|headers| {
+        headers
+            .iter()
+            .any(|header| header.key == tally_schemas::names::MARKER_HEADER)
+    })
 }
 
 /// The `tally.redriven-from` header of a record, if `tally dlq redrive` put it there.

@@ -405,6 +405,34 @@ impl PartitionEngine {
         RecordOutcome::Counted
     }
 
+    /// An idle marker at `offset` stamped `timestamp_ms` (see
+    /// [`tally_schemas::names::MARKER_HEADER`]): no increment, but its timestamp
+    /// advances the partition's event time exactly as a counted record's would, so the
+    /// windows of an idle partition close, at the marker's offset, in every run that
+    /// reads the log. Ignored (position only) while an external reset awaits its
+    /// anchor, and when its timestamp is negative or beyond the future skew.
+    pub fn marker(&mut self, offset: i64, timestamp_ms: i64, now_ms: i64) {
+        if offset < self.next_offset {
+            return;
+        }
+        self.next_offset = offset.saturating_add(1);
+        if self.awaiting_anchor
+            || timestamp_ms < 0
+            || timestamp_ms > now_ms.saturating_add(self.config.max_future_skew_ms)
+        {
+            return;
+        }
+        self.advance_max_ts(timestamp_ms, offset);
+    }
+
+    /// The end of the earliest open window (by start), if any.
+    pub fn earliest_open_end_ms(&self) -> Option<i64> {
+        self.open
+            .keys()
+            .next()
+            .map(|start| start.saturating_add(self.config.window_ms))
+    }
+
     /// A record at `offset` that contributes nothing (poison: undecodable body).
     /// Advances the position only.
     pub fn skip(&mut self, offset: i64) {

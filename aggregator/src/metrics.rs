@@ -48,6 +48,8 @@ pub struct AggregatorMetrics {
     pub dlq_failures: IntCounterVec,
     /// Offsets that vanished before they were read (retention), per partition.
     pub lost_offsets: IntCounterVec,
+    /// Idle markers appended to idle partitions (so their windows close).
+    pub idle_markers: IntCounter,
     /// `records` resolved per outcome once, so the per-record path does no label lookup.
     pub outcomes: OutcomeCounters,
 }
@@ -202,6 +204,11 @@ impl AggregatorMetrics {
             ),
             &["partition"],
         )?;
+        let idle_markers = IntCounter::new(
+            "tally_aggregator_idle_markers_total",
+            "Idle markers appended to idle partitions so their windows close",
+        )?;
+        registry.register(Box::new(idle_markers.clone()))?;
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(dlq_failures.clone()))?;
         registry.register(Box::new(lost_offsets.clone()))?;
@@ -256,6 +263,7 @@ impl AggregatorMetrics {
             handovers,
             dlq_failures,
             lost_offsets,
+            idle_markers,
         })
     }
 

@@ -63,6 +63,8 @@ fn cases(default: u32) -> u32 {
 enum Body {
     /// Undecodable: dead-lettered as poison.
     Poison,
+    /// An idle marker: its timestamp advances event time, nothing else.
+    Marker,
     Increment {
         key: Uuid,
         value: i64,
@@ -81,6 +83,7 @@ impl LogRecord {
     fn bytes(&self) -> Vec<u8> {
         match self.body {
             Body::Poison => b"{\"key\":".to_vec(),
+            Body::Marker => Vec::new(),
             Body::Increment { key, value } => {
                 format!(r#"{{"key":"{}","value":{value}}}"#, key.hyphenated()).into_bytes()
             }
@@ -134,6 +137,18 @@ fn build_log(
         clock += i64::from(spec.advance % 4);
         // Small `kind`s are ordinary records, so failures shrink towards them.
         let (ts, poison) = match spec.kind {
+            // Idle markers, stamped around the clock (behind it, as the lag makes them,
+            // or ahead, closing windows).
+            0..=7 if spec.gap % 4 == 0 => {
+                let marker_ts = (clock + back % (2 * window + grace + 1) - window).max(0);
+                log.push(LogRecord {
+                    offset,
+                    ts: marker_ts,
+                    body: Body::Marker,
+                });
+                offset += 1;
+                continue;
+            }
             0..=215 => ((clock - back % (grace + window + 1)).max(0), false),
             216..=225 => (clock, true),
             226..=233 => (-1 - back, false),
@@ -185,11 +200,16 @@ enum Decision {
     Invalid,
     Overflow,
     Poison,
+    /// An idle marker (no letter, no count).
+    Marker,
 }
 
 impl Decision {
     fn is_rejection(self) -> bool {
-        !matches!(self, Decision::Counted | Decision::AlreadyFinal)
+        !matches!(
+            self,
+            Decision::Counted | Decision::AlreadyFinal | Decision::Marker
+        )
     }
 }
 
@@ -270,6 +290,23 @@ impl PartitionModel {
         let mut sums: HashMap<(Uuid, i64), i64> = HashMap::new();
         let mut open_starts: Vec<i64> = Vec::new();
         for record in log.iter().filter(|r| r.offset >= start.offset) {
+            if record.body == Body::Marker {
+                let ts = record.ts;
+                let usable = !anchor_pending && (0..=NOW_MS + MAX_FUTURE_SKEW_MS).contains(&ts);
+                if usable && max_ts.is_none_or(|m| ts > m) {
+                    max_ts = Some(ts);
+                    let watermark = ts - grace;
+                    open_starts.retain(|&s| {
+                        let closes = s + window <= watermark;
+                        if closes {
+                            model.closing_offsets.insert(s, record.offset);
+                        }
+                        !closes
+                    });
+                }
+                model.decisions.insert(record.offset, Decision::Marker);
+                continue;
+            }
             let Body::Increment { key, value } = record.body else {
                 model.decisions.insert(record.offset, Decision::Poison);
                 continue;
@@ -689,6 +726,8 @@ struct Coverage {
     group_expired_resumes: usize,
     behind_group_resumes: usize,
     final_rows: usize,
+    markers: usize,
+    windows_closed_by_markers: usize,
 }
 
 impl Coverage {
@@ -720,7 +759,9 @@ impl Coverage {
             replays_from_offset,
             group_expired_resumes,
             behind_group_resumes,
-            final_rows
+            final_rows,
+            markers,
+            windows_closed_by_markers
         );
     }
 }
@@ -793,6 +834,7 @@ impl<'a> Sim<'a> {
             engine: self.config,
             accept_data_loss: false,
             max_outstanding_letters: 6,
+            idle_markers: None,
         }
     }
 
@@ -1090,8 +1132,9 @@ impl<'a> Sim<'a> {
                     offset: record.offset,
                     timestamp_ms: Some(record.ts),
                     key: None,
-                    value: Some(&bytes),
+                    value: (record.body != Body::Marker).then_some(bytes.as_slice()),
                     redriven_from: None,
+                    marker: record.body == Body::Marker,
                 },
                 now_ms: NOW_MS,
             };
@@ -1127,6 +1170,8 @@ impl<'a> Sim<'a> {
             Decision::Overflow
         } else if after.poison > before.poison {
             Decision::Poison
+        } else if after.markers > before.markers {
+            Decision::Marker
         } else {
             // Ignored (a refetch, or a revoking partition): nothing decided.
             return;
@@ -1143,6 +1188,16 @@ impl<'a> Sim<'a> {
         );
         match decided {
             Decision::Counted => self.coverage.counted += 1,
+            Decision::Marker => {
+                let closed = segment
+                    .model
+                    .closing_offsets
+                    .values()
+                    .filter(|&&offset| offset == record.offset)
+                    .count();
+                self.coverage.markers += 1;
+                self.coverage.windows_closed_by_markers += closed;
+            }
             Decision::AlreadyFinal => {
                 // Skipped because the window is durably final: it must be, unless a
                 // reset froze it (then the store keeps whatever it had).
@@ -2173,6 +2228,11 @@ fn histories_cover_the_interesting_cases() {
         ("hand-overs", total.handovers),
         ("rude losses", total.rude_losses),
         ("final rows", total.final_rows),
+        ("idle markers read", total.markers),
+        (
+            "windows closed by idle markers",
+            total.windows_closed_by_markers,
+        ),
         ("replays: external resets", replays.external_resets),
         ("replays: from time", replays.replays_from_time),
         ("replays: from offset", replays.replays_from_offset),

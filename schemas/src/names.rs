@@ -10,6 +10,10 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// Set on a record that `tally dlq redrive` put back on the input topic: the dead
 /// letter's `PARTITION:OFFSET` in the dead-letter topic.
 pub const REDRIVEN_HEADER: &str = "tally.redriven-from";
+/// Marks an idle marker: a record the aggregator appends to an idle partition so its
+/// windows close. Its timestamp is all that counts; it has no key and no value, is
+/// never decoded as an increment and never dead-lettered. The value is `idle`.
+pub const MARKER_HEADER: &str = "tally.marker";
 /// Also set on a re-driven record: its source record, `TOPIC/PARTITION/OFFSET` (how a
 /// later re-drive finds it after an interrupted run).
 pub const REDRIVE_SOURCE_HEADER: &str = "tally.redrive.source";

@@ -321,6 +321,30 @@ impl DeadLetterProducer {
         )
     }
 
+    /// Queues an idle marker for `partition` of `topic` (the input topic), stamped
+    /// `timestamp_ms`, without waiting for its delivery: a marker that is lost only
+    /// delays a close until the next one.
+    pub fn queue_marker(
+        &self,
+        topic: &str,
+        partition: i32,
+        timestamp_ms: i64,
+    ) -> Result<(), SinkError> {
+        let headers =
+            OwnedHeaders::new_with_capacity(1).insert(header(names::MARKER_HEADER, "idle"));
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+            .partition(partition)
+            .timestamp(timestamp_ms)
+            .headers(headers);
+        match self.producer.send_result(record) {
+            // The delivery goes on without the future.
+            Ok(_delivery) => Ok(()),
+            Err((err, _record)) => Err(SinkError::DeadLetter(format!(
+                "idle marker for {topic}/{partition} not queued: {err}"
+            ))),
+        }
+    }
+
     /// Waits up to `timeout` for queued dead letters to be delivered (shutdown).
     pub async fn flush(&self, timeout: Duration) -> Result<(), SinkError> {
         let producer = self.producer.clone();

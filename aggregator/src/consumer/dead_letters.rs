@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use tally_sink::dlq::{DeadLetter, DeadLetterProducer};
+use tally_sink::SinkError;
 use tracing::{error, warn};
 
 use super::shell::Shell;
@@ -21,6 +22,13 @@ impl DeadLetters {
             producer: Arc::new(producer),
             source_topic,
         }
+    }
+
+    /// Queues an idle marker for `partition` of the input topic (the letters'
+    /// producer writes it: no producer of its own for a record every few seconds).
+    pub fn queue_marker(&self, partition: i32, timestamp_ms: i64) -> Result<(), SinkError> {
+        self.producer
+            .queue_marker(&self.source_topic, partition, timestamp_ms)
     }
 
     pub fn send(&self, shell: &Arc<Shell>, id: LetterId, letter: DeadLetterOut) {

@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::KafkaResult;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -70,30 +69,6 @@ impl ConsumerContext for AggregatorContext {
                     warn!(%err, "could not unassign after a rebalance error");
                 }
             }
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        let ok = result.is_ok();
-        if let Err(err) = &result {
-            warn!(%err, "offset commit failed; retried at the next flush");
-        }
-        let label = if ok { "ok" } else { "error" };
-        self.shell.metrics.commits.with_label_values(&[label]).inc();
-        let mut committed = Vec::new();
-        for element in offsets.elements_for_topic(&self.shell.topic) {
-            if let Offset::Offset(offset) = element.offset() {
-                committed.push((element.partition(), offset));
-                if ok {
-                    self.shell.health.committed(element.partition(), offset);
-                }
-            }
-        }
-        if !committed.is_empty() {
-            self.shell.handle_and_execute(Event::CommitResult {
-                offsets: committed,
-                ok,
-            });
         }
     }
 }

@@ -2,8 +2,8 @@
 //! place where its commands are executed.
 //!
 //! The protocol is called from the consumer loop (records, ticks), from rdkafka's
-//! callbacks (rebalances, commit results, which run inside the loop's `recv`), from
-//! the writer task and from dead-letter deliveries. Each caller takes the lock, hands
+//! rebalance callbacks (which run inside the loop's `recv`), from the commit thread,
+//! from the writer task and from dead-letter deliveries. Each caller takes the lock, hands
 //! over one event, releases the lock and executes the commands: no Kafka or store
 //! call ever runs under the lock.
 
@@ -28,19 +28,15 @@ use crate::protocol::{Command, Event, Protocol, WriteBatch};
 
 pub(crate) type AggregatorConsumer = StreamConsumer<AggregatorContext>;
 
-/// Commits, pauses and seeks on whichever handle the caller has: the loop's stream
+/// Pauses and seeks on whichever handle the caller has: the loop's stream
 /// consumer, or the base consumer a rebalance callback is given.
 pub(crate) trait KafkaHandle {
-    fn commit_list(&self, list: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()>;
     fn pause_list(&self, list: &TopicPartitionList) -> KafkaResult<()>;
     fn resume_list(&self, list: &TopicPartitionList) -> KafkaResult<()>;
     fn seek_to(&self, topic: &str, partition: i32, offset: i64) -> KafkaResult<()>;
 }
 
 impl<T: Consumer<AggregatorContext>> KafkaHandle for T {
-    fn commit_list(&self, list: &TopicPartitionList, mode: CommitMode) -> KafkaResult<()> {
-        self.commit(list, mode)
-    }
     fn pause_list(&self, list: &TopicPartitionList) -> KafkaResult<()> {
         self.pause(list)
     }
@@ -83,7 +79,13 @@ pub(crate) struct Shell {
     pub progress: Notify,
     stopped: AtomicBool,
     pub runtime: tokio::runtime::Handle,
+    /// The commit thread's queue (see [`Shell::start_committer`]).
+    committer: OnceLock<std::sync::mpsc::SyncSender<Vec<(i32, Checkpoint)>>>,
 }
+
+/// Commits waiting for the commit thread. The protocol keeps at most one commit per
+/// partition in flight, so this is only reached when the thread is stuck.
+const COMMIT_QUEUE: usize = 4;
 
 impl Shell {
     #[allow(clippy::too_many_arguments)]
@@ -112,6 +114,84 @@ impl Shell {
             progress: Notify::new(),
             stopped: AtomicBool::new(false),
             runtime: tokio::runtime::Handle::current(),
+            committer: OnceLock::new(),
+        }
+    }
+
+    /// Starts the thread that runs the protocol's ordinary commits. librdkafka reports
+    /// no result for a manual asynchronous commit when its event API is used (as
+    /// rust-rdkafka's consumers do: no offset-commit callback is ever called), and the
+    /// protocol must learn every result, so commits run synchronously there, one at a
+    /// time, without blocking the loop.
+    pub fn start_committer(self: &Arc<Self>) -> std::io::Result<()> {
+        let (queue, commits) =
+            std::sync::mpsc::sync_channel::<Vec<(i32, Checkpoint)>>(COMMIT_QUEUE);
+        let shell = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("tally-committer".into())
+            .spawn(move || {
+                while let Ok(offsets) = commits.recv() {
+                    let Some(shell) = shell.upgrade() else {
+                        return;
+                    };
+                    shell.commit_and_report(&offsets);
+                }
+            })?;
+        let _ = self.committer.set(queue);
+        Ok(())
+    }
+
+    /// One synchronous commit on the commit thread, its result handed to the protocol.
+    fn commit_and_report(self: &Arc<Self>, offsets: &[(i32, Checkpoint)]) {
+        // A partition revoked since the commit was queued was committed by its revoke
+        // (synchronously, with a newer checkpoint): committing the older one after it
+        // would move the group back. (A commit already on its way when a revoke
+        // settles can still land first; it is an older checkpoint, just as correct,
+        // and the next owner rebuilds exactly from it.)
+        let owned = self.protocol().owned();
+        let offsets: Vec<(i32, Checkpoint)> = offsets
+            .iter()
+            .filter(|(partition, _)| owned.contains(partition))
+            .copied()
+            .collect();
+        if offsets.is_empty() {
+            return;
+        }
+        let offsets = offsets.as_slice();
+        let consumer = self.consumer();
+        let ok = match (&consumer, self.commit_list(offsets)) {
+            (Some(consumer), Ok(list)) => match consumer.commit(&list, CommitMode::Sync) {
+                Ok(()) => true,
+                Err(err) => {
+                    warn!(%err, "offset commit failed; retried at the next flush");
+                    false
+                }
+            },
+            (None, _) => false,
+            (_, Err(err)) => {
+                warn!(%err, "offset commit could not be built; retried at the next flush");
+                false
+            }
+        };
+        self.count_commit(offsets, ok);
+        let results = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+        let commands = self.handle(Event::CommitResult {
+            offsets: results,
+            ok,
+        });
+        match consumer {
+            Some(consumer) => self.execute(commands, consumer.as_ref()),
+            None => self.execute(commands, &NoKafka),
+        }
+    }
+
+    fn count_commit(&self, offsets: &[(i32, Checkpoint)], ok: bool) {
+        let label = if ok { "ok" } else { "error" };
+        self.metrics.commits.with_label_values(&[label]).inc();
+        if ok {
+            for (partition, checkpoint) in offsets {
+                self.health.committed(*partition, checkpoint.next_offset);
+            }
         }
     }
 
@@ -167,6 +247,15 @@ impl Shell {
                 Command::Assign { .. } => {}
                 Command::WriteRows(batch) => self.queue_write(batch),
                 Command::SendLetter { id, letter } => self.dead_letters.send(self, id, letter),
+                Command::SendMarker {
+                    partition,
+                    timestamp_ms,
+                } => match self.dead_letters.queue_marker(partition, timestamp_ms) {
+                    Ok(()) => self.metrics.idle_markers.inc(),
+                    Err(err) => {
+                        warn!(%err, partition, "idle marker not sent; the next tick asks again")
+                    }
+                },
                 Command::Commit { offsets, sync } => {
                     if sync {
                         self.commit_sync(&offsets, self.revoke_timeout);
@@ -252,12 +341,13 @@ impl Shell {
 
     /// The result arrives through the consumer's commit callback.
     fn commit_async(self: &Arc<Self>, offsets: &[(i32, Checkpoint)], kafka: &dyn KafkaHandle) {
-        let sent = self
-            .commit_list(offsets)
-            .and_then(|list| kafka.commit_list(&list, CommitMode::Async));
-        if let Err(err) = sent {
+        let queued = self
+            .committer
+            .get()
+            .is_some_and(|queue| queue.try_send(offsets.to_vec()).is_ok());
+        if !queued {
             self.metrics.commits.with_label_values(&["error"]).inc();
-            warn!(%err, "offset commit could not be sent; retried at the next flush");
+            warn!("offset commit could not be queued; retried at the next flush");
             let offsets = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
             let commands = self.handle(Event::CommitResult { offsets, ok: false });
             self.execute(commands, kafka);
@@ -299,13 +389,7 @@ impl Shell {
                 false
             }
         };
-        let label = if ok { "ok" } else { "error" };
-        self.metrics.commits.with_label_values(&[label]).inc();
-        if ok {
-            for (partition, checkpoint) in offsets {
-                self.health.committed(*partition, checkpoint.next_offset);
-            }
-        }
+        self.count_commit(offsets, ok);
         let offsets = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
         let _ = self.handle(Event::CommitResult { offsets, ok });
         ok
@@ -326,11 +410,6 @@ impl Shell {
 struct NoKafka;
 
 impl KafkaHandle for NoKafka {
-    fn commit_list(&self, _: &TopicPartitionList, _: CommitMode) -> KafkaResult<()> {
-        Err(rdkafka::error::KafkaError::ClientCreation(
-            "no consumer yet".into(),
-        ))
-    }
     fn pause_list(&self, _: &TopicPartitionList) -> KafkaResult<()> {
         Ok(())
     }

@@ -76,6 +76,23 @@ pub struct ProtocolConfig {
     /// Dead letters sent but not acknowledged, or waiting for a retry, before
     /// [`Protocol::may_read`] says to stop reading (bounded memory).
     pub max_outstanding_letters: usize,
+    /// Idle markers (see [`IdleMarkers`]); `None`: never ask for one.
+    pub idle_markers: Option<IdleMarkers>,
+}
+
+/// When to ask for an idle marker, and how to stamp it.
+///
+/// A partition that has read nothing for `idle_after_ms` while it holds open windows
+/// gets a marker stamped `now - stamp_lag_ms` when that would close its earliest open
+/// window (at most one per `idle_after_ms`). The lag keeps markers from making any
+/// acknowledged edge record late: the edge answers `202` only for a record the broker
+/// took within its delivery timeout of its timestamp, so with `stamp_lag_ms` at least
+/// that timeout (plus the clock skew between hosts) every record still to come carries
+/// a timestamp above the marker's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleMarkers {
+    pub idle_after_ms: i64,
+    pub stamp_lag_ms: i64,
 }
 
 /// One record as read from the input topic.
@@ -89,6 +106,8 @@ pub struct Record<'a> {
     pub value: Option<&'a [u8]>,
     /// The `tally.redriven-from` header, if `tally dlq redrive` put the record back.
     pub redriven_from: Option<&'a [u8]>,
+    /// The record carries the `tally.marker` header: an idle marker, not an increment.
+    pub marker: bool,
 }
 
 /// What the broker and the store say about one newly assigned partition.
@@ -245,6 +264,12 @@ pub enum Command {
         to: i64,
         accepted: bool,
     },
+    /// Append an idle marker stamped `timestamp_ms` to `partition` of the input topic
+    /// (best effort: a lost marker only delays the close until the next one).
+    SendMarker {
+        partition: i32,
+        timestamp_ms: i64,
+    },
     /// Stop without committing anything more; a restart replays from the last commit.
     Stop {
         error: ProtocolError,
@@ -290,6 +315,10 @@ pub struct Stats {
     pub future_timestamp: u64,
     pub sum_overflow: u64,
     pub invalid_timestamp: u64,
+    /// Idle markers read.
+    pub markers: u64,
+    /// Idle markers asked for.
+    pub markers_requested: u64,
     /// Records of partitions not owned (or being revoked), ignored.
     pub ignored: u64,
     /// Acknowledged dead letters by reason code.
@@ -371,7 +400,7 @@ impl Protocol {
         }
         match event {
             Event::Record { record, now_ms } => self.on_record(record, now_ms, out),
-            Event::FlushTick { .. } => self.on_flush_tick(out),
+            Event::FlushTick { now_ms } => self.on_flush_tick(now_ms, out),
             Event::Written { flush } => self.on_written(flush, out),
             Event::WriteFailed { error, .. } => {
                 self.stop(ProtocolError::PermanentStoreError(error), out)
@@ -473,6 +502,15 @@ impl Protocol {
             // Already decided in this ownership (a refetch after a seek).
             return;
         }
+        state.last_read_ms = Some(now_ms);
+        if record.marker {
+            match record.timestamp_ms {
+                Some(timestamp_ms) => state.engine.marker(offset, timestamp_ms, now_ms),
+                None => state.engine.skip(offset),
+            }
+            self.stats.markers += 1;
+            return;
+        }
         let (reason, error) = match record.value.map(decode_increment) {
             Some(Ok(increment)) => {
                 let timestamp_ms = record.timestamp_ms.unwrap_or(-1);
@@ -550,7 +588,45 @@ impl Protocol {
 
     // ------------------------------------------------------------ flushes and commits
 
-    fn on_flush_tick(&mut self, out: &mut Vec<Command>) {
+    /// Idle partitions whose earliest open window a marker stamped now would close.
+    fn ask_for_idle_markers(&mut self, now_ms: i64, out: &mut Vec<Command>) {
+        let Some(rule) = self.config.idle_markers else {
+            return;
+        };
+        let grace_ms = self.config.engine.grace_ms;
+        for (&partition, state) in self.partitions.iter_mut() {
+            if state.phase != Phase::Active || state.halted.is_some() {
+                continue;
+            }
+            let last_read = *state.last_read_ms.get_or_insert(now_ms);
+            let quiet = |since: i64| now_ms.saturating_sub(since) >= rule.idle_after_ms;
+            if !quiet(last_read) || state.last_marker_ms.is_some_and(|at| !quiet(at)) {
+                continue;
+            }
+            let timestamp_ms = now_ms.saturating_sub(rule.stamp_lag_ms);
+            let closes = state
+                .engine
+                .earliest_open_end_ms()
+                .is_some_and(|end| end <= timestamp_ms.saturating_sub(grace_ms));
+            if !closes
+                || state
+                    .engine
+                    .max_ts_ms()
+                    .is_some_and(|max| timestamp_ms <= max)
+            {
+                continue;
+            }
+            state.last_marker_ms = Some(now_ms);
+            self.stats.markers_requested += 1;
+            out.push(Command::SendMarker {
+                partition,
+                timestamp_ms,
+            });
+        }
+    }
+
+    fn on_flush_tick(&mut self, now_ms: i64, out: &mut Vec<Command>) {
+        self.ask_for_idle_markers(now_ms, out);
         while let Some(id) = self.letters_to_retry.pop_front() {
             if let Some(outstanding) = self.letters.get(&id) {
                 out.push(Command::SendLetter {

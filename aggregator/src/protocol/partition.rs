@@ -67,6 +67,11 @@ pub(super) struct PartitionState {
     /// The write holding an external reset's claim, not yet durable: no row of the
     /// reset's generation may be written before it.
     claim: Option<FlushId>,
+    /// Wall time of the last record (or marker) read, or of the first tick after
+    /// assignment: how long the partition has been idle.
+    pub last_read_ms: Option<i64>,
+    /// Wall time of the last idle marker asked for.
+    pub last_marker_ms: Option<i64>,
 }
 
 impl PartitionState {
@@ -93,6 +98,8 @@ impl PartitionState {
             commit_in_flight: None,
             without_checkpoint: false,
             claim: None,
+            last_read_ms: None,
+            last_marker_ms: None,
         }
     }
 

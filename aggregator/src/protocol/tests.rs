@@ -13,6 +13,7 @@ fn config(accept_data_loss: bool) -> ProtocolConfig {
         engine: EngineConfig::new(10, 2, 1_000_000).unwrap(),
         accept_data_loss,
         max_outstanding_letters: 4,
+        idle_markers: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn record(partition: i32, offset: i64, ts: i64, value: &[u8]) -> Event<'_> {
             key: None,
             value: Some(value),
             redriven_from: None,
+            marker: false,
         },
         now_ms: NOW,
     }
@@ -640,4 +642,130 @@ fn shutdown_is_a_revoke_of_everything() {
     assert!(protocol.owned().is_empty());
     // No more flushes after a shutdown.
     assert!(protocol.handle(Event::FlushTick { now_ms: NOW }).is_empty());
+}
+
+fn marker(partition: i32, offset: i64, ts: i64, now_ms: i64) -> Event<'static> {
+    Event::Record {
+        record: Record {
+            partition,
+            offset,
+            timestamp_ms: Some(ts),
+            key: None,
+            value: None,
+            redriven_from: None,
+            marker: true,
+        },
+        now_ms,
+    }
+}
+
+fn markers_of(commands: &[Command]) -> Vec<(i32, i64)> {
+    commands
+        .iter()
+        .filter_map(|c| match c {
+            Command::SendMarker {
+                partition,
+                timestamp_ms,
+            } => Some((*partition, *timestamp_ms)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_idle_partition_gets_a_marker_that_closes_its_windows_at_the_markers_offset() {
+    let mut protocol = Protocol::new(ProtocolConfig {
+        idle_markers: Some(IdleMarkers {
+            idle_after_ms: 100,
+            stamp_lag_ms: 50,
+        }),
+        ..config(false)
+    });
+    assigned(&mut protocol, vec![fresh(0), fresh(1)]);
+    let value = body(1, 5);
+    let ts = NOW - 1_000;
+    assert!(protocol.handle(record(0, 0, ts, &value)).is_empty());
+    let first = protocol.handle(Event::FlushTick { now_ms: NOW + 50 });
+    assert!(markers_of(&first).is_empty(), "not idle yet");
+    let batch = write_of(&first);
+    let written = protocol.handle(Event::Written { flush: batch.flush });
+    let (offsets, _) = commit_of(&written).expect("the first checkpoint's commit");
+    let offsets = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+    protocol.handle(Event::CommitResult { offsets, ok: true });
+    // Idle for 100 ms: a marker stamped 50 ms back, for the partition with an open
+    // window only (partition 1 has none: nothing to close).
+    let idle = protocol.handle(Event::FlushTick { now_ms: NOW + 100 });
+    assert_eq!(markers_of(&idle), vec![(0, NOW + 50)]);
+    assert_eq!(protocol.stats().markers_requested, 1);
+    // At most one per idle period.
+    let again = protocol.handle(Event::FlushTick { now_ms: NOW + 150 });
+    assert!(markers_of(&again).is_empty());
+
+    // The marker comes back through the log: no count, no letter, the window closes
+    // at its offset and the commit moves past it.
+    let read = protocol.handle(marker(0, 1, NOW + 50, NOW + 160));
+    assert!(letters_of(&read).is_empty());
+    assert_eq!(protocol.stats().markers, 1);
+    assert_eq!(protocol.stats().counted, 1);
+    let tick = protocol.handle(Event::FlushTick { now_ms: NOW + 170 });
+    let batch = write_of(&tick);
+    let row = batch
+        .rows
+        .iter()
+        .find(|r| r.partition == 0)
+        .expect("the row");
+    assert!(
+        row.is_final && row.through_offset == 1 && row.sum == 5,
+        "{row:?}"
+    );
+    assert_eq!(
+        batch
+            .checkpoints
+            .iter()
+            .map(|(p, c)| (*p, c.next_offset))
+            .collect::<Vec<_>>(),
+        vec![(0, 2)]
+    );
+    // No open window left: no more markers however long the partition stays idle.
+    let written = protocol.handle(Event::Written { flush: batch.flush });
+    assert_eq!(
+        commit_of(&written).map(|(offsets, _)| offsets[0].1.next_offset),
+        Some(2)
+    );
+    let later = protocol.handle(Event::FlushTick {
+        now_ms: NOW + 10_000,
+    });
+    assert!(markers_of(&later).is_empty());
+}
+
+#[test]
+fn no_marker_when_it_would_close_nothing_or_markers_are_off() {
+    let rule = IdleMarkers {
+        idle_after_ms: 100,
+        stamp_lag_ms: 5_000,
+    };
+    let mut protocol = Protocol::new(ProtocolConfig {
+        idle_markers: Some(rule),
+        ..config(false)
+    });
+    assigned(&mut protocol, vec![fresh(0)]);
+    let value = body(1, 5);
+    // The window ends after now - lag - grace: a marker stamped now - lag closes
+    // nothing, so none is asked for (and none could make a newer record late).
+    assert!(protocol.handle(record(0, 0, NOW - 10, &value)).is_empty());
+    let tick = protocol.handle(Event::FlushTick { now_ms: NOW + 200 });
+    assert!(markers_of(&tick).is_empty());
+    // Once the lag has passed, it does.
+    let tick = protocol.handle(Event::FlushTick {
+        now_ms: NOW + 5_100,
+    });
+    assert_eq!(markers_of(&tick), vec![(0, NOW + 100)]);
+
+    let mut off = Protocol::new(config(false));
+    assigned(&mut off, vec![fresh(0)]);
+    assert!(off.handle(record(0, 0, NOW - 10_000, &value)).is_empty());
+    let tick = off.handle(Event::FlushTick {
+        now_ms: NOW + 100_000,
+    });
+    assert!(markers_of(&tick).is_empty());
 }
