@@ -44,12 +44,15 @@ pub struct ReplayArgs {
     /// Rebuild from these offsets, `PARTITION:OFFSET[,PARTITION:OFFSET…]`.
     #[arg(long, value_delimiter = ',')]
     pub from_offset: Vec<String>,
+    /// Window size the aggregators use (aligns `--from` to a window start).
+    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
+    pub window: std::time::Duration,
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     let store = args.store.open().await?;
     if let Some(from) = &args.from {
-        let window_ms = args.store.window_ms()?;
+        let window_ms = super::window_ms(args.window)?;
         let at = parse_time_ms(from).map_err(anyhow::Error::msg)?;
         let window_start = at.div_euclid(window_ms) * window_ms;
         let plan = {
