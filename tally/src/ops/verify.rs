@@ -170,7 +170,20 @@ struct Recomputed {
     records_passed_over: u64,
     /// Per truncated partition: (first available offset, first window compared).
     truncated: BTreeMap<i32, (i64, i64)>,
-    by_time: bool,
+    seek: Seek,
+}
+
+/// How the start of the range was found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Seek {
+    /// No `--from`: every partition is read from its first offset.
+    #[default]
+    FromStart,
+    /// Offsets looked up by time.
+    ByTime,
+    /// The broker cannot look offsets up by time: read from the first offset, the
+    /// records before the start time passed over.
+    PassOver,
 }
 
 /// Returns true when the store matches the recomputation.
@@ -282,15 +295,17 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<bool> {
     }
 
     let rate = |count: f64, seconds: f64| if seconds > 0.0 { count / seconds } else { 0.0 };
+    let how = match recomputed.seek {
+        Seek::FromStart => "partitions read from their first offset",
+        Seek::ByTime => "partitions sought by time",
+        Seek::PassOver => {
+            "the broker cannot look offsets up by time: partitions read from their first offset"
+        }
+    };
     eprintln!(
-        "verify: read {} records ({} passed over before the start time{}) in {:.2}s ({:.0} records/s)",
+        "verify: read {} records ({} passed over before the start time; {how}) in {:.2}s ({:.0} records/s)",
         recomputed.records_read,
         recomputed.records_passed_over,
-        if recomputed.by_time {
-            ", partitions sought by time"
-        } else {
-            ", the broker cannot look offsets up by time: partitions read from their first offset"
-        },
         read_seconds,
         rate(recomputed.records_read as f64, read_seconds)
     );
@@ -338,7 +353,7 @@ fn plan_partitions(
     topic: &str,
     ids: &[i32],
     plan: Plan,
-) -> anyhow::Result<(Vec<PartitionRead>, bool)> {
+) -> anyhow::Result<(Vec<PartitionRead>, Seek)> {
     let mut reads = Vec::new();
     for &partition in ids {
         let (low, high) = consumer
@@ -355,10 +370,10 @@ fn plan_partitions(
         }
     }
     let Some(seek_ms) = plan.seek_ms else {
-        return Ok((reads, false));
+        return Ok((reads, Seek::FromStart));
     };
     if reads.is_empty() {
-        return Ok((reads, false));
+        return Ok((reads, Seek::ByTime));
     }
     let lookup = |time_ms: i64| -> anyhow::Result<HashMap<i32, Offset>> {
         let mut query = TopicPartitionList::new();
@@ -388,7 +403,7 @@ fn plan_partitions(
         for read in &mut reads {
             read.feed_from_ts = Some(seek_ms);
         }
-        return Ok((reads, false));
+        return Ok((reads, Seek::PassOver));
     }
     let found = lookup(seek_ms)?;
     for read in &mut reads {
@@ -398,7 +413,7 @@ fn plan_partitions(
             _ => read.end,
         };
     }
-    Ok((reads, true))
+    Ok((reads, Seek::ByTime))
 }
 
 /// The timestamp of the record at `offset` (the first surviving one of a truncated
@@ -435,9 +450,9 @@ fn recompute(
 ) -> anyhow::Result<Recomputed> {
     let consumer = admin_consumer(brokers, &format!("tally-verify-{}", Uuid::new_v4()))?;
     let ids = partitions(&consumer, topic)?;
-    let (reads, by_time) = plan_partitions(&consumer, topic, &ids, plan)?;
+    let (reads, seek) = plan_partitions(&consumer, topic, &ids, plan)?;
     let mut recomputed = Recomputed {
-        by_time,
+        seek,
         ..Recomputed::default()
     };
     let first_window_after = |first_ts: i64| {
