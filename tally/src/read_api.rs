@@ -531,9 +531,15 @@ impl Params {
 }
 
 fn human_ms(ms: i64) -> String {
-    u64::try_from(ms)
-        .map(|ms| humantime::format_duration(Duration::from_millis(ms)).to_string())
-        .unwrap_or_else(|_| format!("{ms}ms"))
+    const DAY: i64 = 86_400_000;
+    const HOUR: i64 = 3_600_000;
+    match ms {
+        ms if ms > 0 && ms % DAY == 0 => format!("{} days", ms / DAY),
+        ms if ms > 0 && ms % HOUR == 0 => format!("{} hours", ms / HOUR),
+        ms => u64::try_from(ms)
+            .map(|ms| humantime::format_duration(Duration::from_millis(ms)).to_string())
+            .unwrap_or_else(|_| format!("{ms}ms")),
+    }
 }
 
 /// The store, the bounds, and a short-lived copy of what the store says about its rows.

@@ -52,7 +52,7 @@ pub struct VerifyArgs {
     /// (default 10s); otherwise the pinned one is used and another value is refused.
     #[arg(long, env = "TALLY_WINDOW", value_parser = tally_aggregator::config::parse_duration)]
     pub window: Option<std::time::Duration>,
-    /// Grace, like --window: only for a store without pinned settings (default 2s).
+    /// Grace, used only for a store without pinned settings, as the window is (default 2s).
     #[arg(long, env = "TALLY_GRACE", value_parser = tally_aggregator::config::parse_duration)]
     pub grace: Option<std::time::Duration>,
     #[arg(long, env = "TALLY_MAX_FUTURE_SKEW", default_value = "5m", value_parser = tally_aggregator::config::parse_duration)]
