@@ -164,7 +164,8 @@ struct Figures {
 fn figures(mut latencies_us: Vec<u64>, seconds: f64) -> Figures {
     latencies_us.sort_unstable();
     let at = |q: f64| {
-        let i = ((latencies_us.len() as f64 * q) as usize).min(latencies_us.len().saturating_sub(1));
+        let i =
+            ((latencies_us.len() as f64 * q) as usize).min(latencies_us.len().saturating_sub(1));
         latencies_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
     };
     Figures {
@@ -193,7 +194,8 @@ async fn run_bare(
                 while Instant::now() < deadline {
                     let k = key(u128::from(rng.next()) % keys);
                     let began = Instant::now();
-                    let (total, windows) = bare_read(&*store, &settings, k, (end - range_ms, end)).await;
+                    let (total, windows) =
+                        bare_read(&*store, &settings, k, (end - range_ms, end)).await;
                     assert!(total.windows > 0 && windows > 0);
                     latencies.push(began.elapsed().as_micros() as u64);
                 }
@@ -208,7 +210,13 @@ async fn run_bare(
     figures(latencies, started.elapsed().as_secs_f64())
 }
 
-async fn run_http(address: std::net::SocketAddr, keys: u128, range_ms: i64, end: i64, args: &Args) -> Figures {
+async fn run_http(
+    address: std::net::SocketAddr,
+    keys: u128,
+    range_ms: i64,
+    end: i64,
+    args: &Args,
+) -> Figures {
     let deadline = Instant::now() + Duration::from_secs(args.seconds);
     let started = Instant::now();
     let tasks: Vec<_> = (0..args.concurrency)
@@ -257,7 +265,12 @@ impl Drop for Ingest {
     }
 }
 
-async fn start_ingest(args: &Args, brokers: &str, store_url: &str, extra: &[&str]) -> (Ingest, std::net::SocketAddr) {
+async fn start_ingest(
+    args: &Args,
+    brokers: &str,
+    store_url: &str,
+    extra: &[&str],
+) -> (Ingest, std::net::SocketAddr) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -342,7 +355,10 @@ fn main() {
                 args.bucket.clone(),
             ],
         ),
-        None => (format!("sqlite://{}", dir.path().join("read.sqlite").display()), Vec::new()),
+        None => (
+            format!("sqlite://{}", dir.path().join("read.sqlite").display()),
+            Vec::new(),
+        ),
     };
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
 
@@ -371,7 +387,11 @@ fn main() {
         );
         let started = Instant::now();
         let rows = prefill(&*store, args.keys, end).await;
-        eprintln!("{}: {rows} rows written in {:.1?}", args.backend, started.elapsed());
+        eprintln!(
+            "{}: {rows} rows written in {:.1?}",
+            args.backend,
+            started.elapsed()
+        );
 
         let (ingest, address) = start_ingest(&args, &brokers, &store_url, &extra).await;
         println!(
@@ -381,7 +401,15 @@ fn main() {
         println!("| range | path | reads/s | p50 ms | p99 ms | HTTP / bare |");
         println!("|---|---|---:|---:|---:|---:|");
         for (name, range_ms) in [("last hour", HOUR), ("last day", DAY)] {
-            let bare = run_bare(Arc::clone(&store), Arc::clone(&settings), args.keys, range_ms, end, &args).await;
+            let bare = run_bare(
+                Arc::clone(&store),
+                Arc::clone(&settings),
+                args.keys,
+                range_ms,
+                end,
+                &args,
+            )
+            .await;
             let http = run_http(address, args.keys, range_ms, end, &args).await;
             for (path, f) in [("bare loop", bare), ("HTTP", http)] {
                 let ratio = if path == "HTTP" {

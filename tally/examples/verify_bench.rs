@@ -46,7 +46,13 @@ fn main() {
         .unwrap()
         .port();
     let mut dev = Command::new(&tally)
-        .args(["dev", "--listen", &format!("127.0.0.1:{port}"), "--partitions", "8"])
+        .args([
+            "dev",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--partitions",
+            "8",
+        ])
         .arg("--data-dir")
         .arg(dir.path())
         .env("RUST_LOG", "warn")
@@ -87,7 +93,11 @@ fn main() {
                 .map(|&i| {
                     let key = uuid::Uuid::from_u128(0x5a5a_0000 + (i * 7_919 % 10_000) as u128);
                     let value = format!(r#"{{"key":"{key}","value":{}}}"#, i % 100 + 1);
-                    (key.hyphenated().to_string(), value, first + i * span / records)
+                    (
+                        key.hyphenated().to_string(),
+                        value,
+                        first + i * span / records,
+                    )
                 })
                 .collect();
             let mut pending = Vec::new();
@@ -108,12 +118,19 @@ fn main() {
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let counted: i64 = rusqlite::Connection::open(&path)
-            .and_then(|c| c.query_row("SELECT coalesce(sum(count), 0) FROM window_sums", [], |r| r.get(0)))
+            .and_then(|c| {
+                c.query_row("SELECT coalesce(sum(count), 0) FROM window_sums", [], |r| {
+                    r.get(0)
+                })
+            })
             .unwrap_or(0);
         if counted == records {
             break;
         }
-        assert!(Instant::now() < deadline, "the playground counted {counted} of {records}");
+        assert!(
+            Instant::now() < deadline,
+            "the playground counted {counted} of {records}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!("counted in {:.1?}", started.elapsed());
@@ -122,7 +139,10 @@ fn main() {
     let runs: [(&str, Option<(i64, i64)>); 3] = [
         ("whole log", None),
         ("first 5 minutes", Some((first, first + five_minutes))),
-        ("last 5 minutes", Some((first + span - five_minutes, first + span))),
+        (
+            "last 5 minutes",
+            Some((first + span - five_minutes, first + span)),
+        ),
     ];
     println!("{records} records, 8 partitions, 10,000 keys, an hour of event time");
     println!("| range | wall s | records read | passed over | records/s | windows compared | store rows | rows/s |");
@@ -137,14 +157,20 @@ fn main() {
         let output = command.output().unwrap();
         let wall = began.elapsed().as_secs_f64();
         let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        assert!(output.status.success(), "verify found differences or failed:\n{stderr}");
+        assert!(
+            output.status.success(),
+            "verify found differences or failed:\n{stderr}"
+        );
         let line = |prefix: &str| -> Vec<String> {
             stderr
                 .lines()
                 .find(|l| l.starts_with(prefix))
                 .unwrap_or_else(|| panic!("no {prefix:?} line in {stderr}"))
                 .split_whitespace()
-                .map(|t| t.trim_matches(|c| c == '(' || c == ')' || c == ',').to_owned())
+                .map(|t| {
+                    t.trim_matches(|c| c == '(' || c == ')' || c == ',')
+                        .to_owned()
+                })
                 .collect()
         };
         let before = |tokens: &[String], word: &str| -> String {
@@ -159,7 +185,10 @@ fn main() {
             .find(|l| l.contains("windows compared against"))
             .unwrap_or_else(|| panic!("no comparison line in {stderr}"))
             .split_whitespace()
-            .map(|t| t.trim_matches(|c| c == '(' || c == ')' || c == ',').to_owned())
+            .map(|t| {
+                t.trim_matches(|c| c == '(' || c == ')' || c == ',')
+                    .to_owned()
+            })
             .collect();
         println!(
             "| {name} | {wall:.2} | {} | {} | {} | {} | {} | {} |",

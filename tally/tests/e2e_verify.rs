@@ -264,3 +264,55 @@ fn verify_on_a_truncated_log_skips_and_counts_the_windows_that_may_hold_deleted_
     assert!(!clean);
     assert_eq!(differences.lines().count(), 1, "{differences}");
 }
+
+#[test]
+fn with_a_retention_old_windows_are_pruned_and_verify_skips_them_instead_of_reporting_them() {
+    let kafka = Kafka::start(1);
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("tally.sqlite");
+    let _aggregator = spawn_aggregator(
+        &AggregatorOptions {
+            bootstrap: &kafka.bootstrap,
+            group: "verify-retention",
+            store: &store,
+            metrics_port: free_port(),
+            extra: &["--retention", "5m"],
+        },
+        "verify-retention",
+        &dir.path().join("a.log"),
+    );
+    let keys = [Uuid::from_u128(1), Uuid::from_u128(2)];
+    // Eight minutes of event time ending one minute ago, a record every 100 ms.
+    let base = (now_ms() - 540_000).div_euclid(WINDOW_MS) * WINDOW_MS;
+    let records: Vec<(Uuid, i64, i64)> = (0..4_800)
+        .map(|i| (keys[i % 2], 1, base + i as i64 * 100))
+        .collect();
+    produce(&kafka, &records);
+    let expected = per_window(&records);
+    let horizon = now_ms() - 300_000;
+    let kept = |start: i64| start + WINDOW_MS > horizon;
+    // Windows that ended more than five minutes ago are pruned by the aggregator's
+    // writer after its flushes; the later ones stay.
+    wait_for(
+        Duration::from_secs(90),
+        "expired windows to be pruned",
+        || {
+            let stored = stored_per_window(&store);
+            stored.keys().all(|(_, start)| kept(*start))
+                && expected
+                    .iter()
+                    .filter(|((_, start), _)| *start + WINDOW_MS > now_ms() - 240_000)
+                    .all(|(window, sums)| stored.get(window) == Some(sums))
+        },
+    );
+    let (clean, differences, stderr) = verify(&kafka, &store, &[]);
+    assert!(
+        clean,
+        "windows past retention are not differences: {differences}"
+    );
+    assert!(stderr.contains("(the store's retention)"), "{stderr}");
+    assert!(
+        !stderr.contains(" 0 windows skipped: they ended before"),
+        "some windows were past retention: {stderr}"
+    );
+}
