@@ -294,7 +294,7 @@ impl SqliteStore {
         let writer = Arc::clone(&self.writer);
         let state = Arc::clone(&self.pruning);
         // Detached on purpose: dropping the handle does not cancel it.
-        let _ = tokio::task::spawn_blocking(move || {
+        let pruning = tokio::task::spawn_blocking(move || {
             let result = {
                 let mut connection = writer.lock().unwrap_or_else(PoisonError::into_inner);
                 prune_batch(&mut connection, now_ms(), retention_ms)
@@ -312,6 +312,7 @@ impl SqliteStore {
             }
             state.running.store(false, Ordering::Release);
         });
+        drop(pruning);
     }
 
     /// Runs `work` with the writer connection on the blocking pool.

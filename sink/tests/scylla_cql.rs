@@ -428,31 +428,32 @@ fn with_a_retention_rows_carry_a_ttl_from_their_window_end_and_expired_rows_are_
         let before = now_ms();
         writer.write_rows(&[fresh, six_days_old, expired]).await?;
         let after = now_ms();
-        let seen_now = seen.borrow();
-        let inserts = seen_now.executes_of("INSERT INTO tally_ttl.window_sums");
-        ensure!(
-            inserts.len() == 2,
-            "the expired row is not written: {} inserts",
-            inserts.len()
-        );
-        for insert in inserts {
-            ensure!(insert.values.len() == 11, "{} values", insert.values.len());
-            let start = int_value(&insert.values[2]).unwrap();
-            let written = [fresh, six_days_old]
-                .into_iter()
-                .find(|r| r.window_start_ms == start)
-                .unwrap();
-            let ttl = int_value(&insert.values[10]).unwrap();
-            // Seconds from the write to window end + retention, rounded up.
-            let most = (written.window_end_ms + retention - before + 999) / 1000;
-            let least = (written.window_end_ms + retention - after + 999) / 1000;
+        {
+            let seen_now = seen.borrow();
+            let inserts = seen_now.executes_of("INSERT INTO tally_ttl.window_sums");
             ensure!(
-                (least..=most).contains(&ttl),
-                "TTL {ttl} not in {least}..={most}"
+                inserts.len() == 2,
+                "the expired row is not written: {} inserts",
+                inserts.len()
             );
-            ensure!(insert.timestamp == Some(written.version()));
+            for insert in inserts {
+                ensure!(insert.values.len() == 11, "{} values", insert.values.len());
+                let start = int_value(&insert.values[2]).unwrap();
+                let written = [fresh, six_days_old]
+                    .into_iter()
+                    .find(|r| r.window_start_ms == start)
+                    .unwrap();
+                let ttl = int_value(&insert.values[10]).unwrap();
+                // Seconds from the write to window end + retention, rounded up.
+                let most = (written.window_end_ms + retention - before + 999) / 1000;
+                let least = (written.window_end_ms + retention - after + 999) / 1000;
+                ensure!(
+                    (least..=most).contains(&ttl),
+                    "TTL {ttl} not in {least}..={most}"
+                );
+                ensure!(insert.timestamp == Some(written.version()));
+            }
         }
-        drop(seen_now);
         // Rows written are read back (the node never expires them, so this shows the
         // statement, not the expiry).
         let read = reader.read_rows(key, start(7 * DAY), now, 100).await?;

@@ -189,7 +189,7 @@ async fn run_bare(
         .map(|task| {
             let (store, settings) = (Arc::clone(&store), Arc::clone(&settings));
             tokio::spawn(async move {
-                let mut rng = Rng(0x9e37_79b9 ^ (task as u64 + 1) * 0x1000_0001);
+                let mut rng = Rng(0x9e37_79b9 ^ ((task as u64 + 1) * 0x1000_0001));
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let k = key(u128::from(rng.next()) % keys);
@@ -229,7 +229,7 @@ async fn run_http(
                         .await
                         .unwrap();
                 tokio::spawn(connection);
-                let mut rng = Rng(0x9e37_79b9 ^ (task as u64 + 1) * 0x1000_0001);
+                let mut rng = Rng(0x9e37_79b9 ^ ((task as u64 + 1) * 0x1000_0001));
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let k = key(u128::from(rng.next()) % keys);
