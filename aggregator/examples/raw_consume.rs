@@ -39,6 +39,9 @@ impl ConsumerContext for Quiet {}
 /// The consumer settings of `tally aggregator`, from the library itself.
 fn config(brokers: &str, group: &str) -> ClientConfig {
     let mut config = tally_aggregator::consumer::consumer_config(brokers, group, &[]);
+    // The aggregator assigns explicit positions; this plain subscriber starts a new
+    // group at the beginning instead.
+    config.set("auto.offset.reset", "earliest");
     // Extra settings for experiments, e.g. RAW_CONSUME_EXTRA="fetch.max.bytes=1048576".
     if let Ok(extra) = std::env::var("RAW_CONSUME_EXTRA") {
         for pair in extra.split_whitespace() {

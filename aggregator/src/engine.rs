@@ -604,6 +604,7 @@ impl PartitionEngine {
             closed_through_ms,
             generation: self.generation,
             settings: Some(self.config.sum_settings()),
+            external_reset: false,
         })
     }
 }

@@ -40,6 +40,14 @@ pub struct AggregatorMetrics {
     pub freshness: prometheus::Gauge,
     /// Owned partitions.
     pub assigned_partitions: IntGauge,
+    /// Revoked partitions handed over without a commit (the next owner replays).
+    pub handovers: IntCounter,
+    /// Dead-letter deliveries that failed, by kind: `transient` (retried) or why the
+    /// letter can never be delivered (`too_large`, `topic_missing`, … : the aggregator
+    /// stops).
+    pub dlq_failures: IntCounterVec,
+    /// Offsets that vanished before they were read (retention), per partition.
+    pub lost_offsets: IntCounterVec,
     /// `records` resolved per outcome once, so the per-record path does no label lookup.
     pub outcomes: OutcomeCounters,
 }
@@ -176,6 +184,27 @@ impl AggregatorMetrics {
             "tally_aggregator_assigned_partitions",
             "Partitions owned by this instance",
         )?;
+        let handovers = IntCounter::new(
+            "tally_aggregator_handovers_total",
+            "Revoked partitions handed over uncommitted",
+        )?;
+        let dlq_failures = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_dlq_failures_total",
+                "Dead-letter deliveries that failed, by kind (transient, or why never deliverable)",
+            ),
+            &["kind"],
+        )?;
+        let lost_offsets = IntCounterVec::new(
+            Opts::new(
+                "tally_aggregator_lost_offsets_total",
+                "Offsets that vanished before they were read, per partition",
+            ),
+            &["partition"],
+        )?;
+        registry.register(Box::new(handovers.clone()))?;
+        registry.register(Box::new(dlq_failures.clone()))?;
+        registry.register(Box::new(lost_offsets.clone()))?;
         registry.register(Box::new(records.clone()))?;
         registry.register(Box::new(open_windows.clone()))?;
         registry.register(Box::new(keys_in_memory.clone()))?;
@@ -202,6 +231,10 @@ impl AggregatorMetrics {
         for result in ["ok", "error"] {
             commits.with_label_values(&[result]);
         }
+        dlq_failures.with_label_values(&["transient"]);
+        for kind in tally_sink::dlq::Undeliverable::ALL {
+            dlq_failures.with_label_values(&[kind.code()]);
+        }
         let outcomes = OutcomeCounters::new(&records);
         Ok(AggregatorMetrics {
             outcomes,
@@ -220,6 +253,155 @@ impl AggregatorMetrics {
             watermark_lag,
             freshness,
             assigned_partitions,
+            handovers,
+            dlq_failures,
+            lost_offsets,
         })
+    }
+
+    /// Creates every partition-labelled series of `partition` (lag, commit lag, late
+    /// letters, watermark lag), so a dashboard sees the partition from its assignment
+    /// on, at 0, instead of from its first record. The consumer calls it on assign.
+    pub fn track_partition(&self, partition: i32) {
+        let label = partition.to_string();
+        let labels = [label.as_str()];
+        self.consumer_lag.with_label_values(&labels);
+        self.commit_lag.with_label_values(&labels);
+        self.late_by_partition.with_label_values(&labels);
+        self.watermark_lag.with_label_values(&labels);
+    }
+
+    /// Drops the series of a partition this instance no longer owns (on revoke), so
+    /// its last lag is not reported forever; the new owner reports it from then on.
+    /// The late-letter counter is kept: it is a total, and a counter that vanished
+    /// and came back would read as a reset.
+    pub fn forget_partition(&self, partition: i32) {
+        let label = partition.to_string();
+        let labels = [label.as_str()];
+        // An error only means the series did not exist.
+        let _ = self.consumer_lag.remove_label_values(&labels);
+        let _ = self.commit_lag.remove_label_values(&labels);
+        let _ = self.watermark_lag.remove_label_values(&labels);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// `(family, label pairs)` of every exported series.
+    fn series(registry: &Registry) -> Vec<(String, Vec<(String, String)>)> {
+        registry
+            .gather()
+            .iter()
+            .flat_map(|family| {
+                family.get_metric().iter().map(|metric| {
+                    let labels = metric
+                        .get_label()
+                        .iter()
+                        .map(|pair| (pair.name().to_owned(), pair.value().to_owned()))
+                        .collect();
+                    (family.name().to_owned(), labels)
+                })
+            })
+            .collect()
+    }
+
+    fn has(series: &[(String, Vec<(String, String)>)], family: &str, label: (&str, &str)) -> bool {
+        series.iter().any(|(name, labels)| {
+            name == family
+                && labels
+                    .iter()
+                    .any(|(key, value)| key == label.0 && value == label.1)
+        })
+    }
+
+    #[test]
+    fn bounded_labels_are_exported_at_zero_from_startup() {
+        let registry = Registry::new();
+        let _metrics = AggregatorMetrics::new(&registry).unwrap();
+        let series = series(&registry);
+        for outcome in [
+            "counted",
+            "already_final",
+            "poison",
+            "late",
+            "future_timestamp",
+            "sum_overflow",
+            "invalid_timestamp",
+        ] {
+            assert!(
+                has(
+                    &series,
+                    "tally_aggregator_records_total",
+                    ("outcome", outcome)
+                ),
+                "{outcome}"
+            );
+        }
+        for reason in tally_schemas::RejectReason::ALL {
+            assert!(has(
+                &series,
+                "tally_aggregator_dlq_writes_total",
+                ("reason", reason.code())
+            ));
+        }
+        for kind in ["provisional", "final"] {
+            assert!(has(
+                &series,
+                "tally_aggregator_rows_written_total",
+                ("kind", kind)
+            ));
+        }
+        for result in ["ok", "error"] {
+            assert!(has(
+                &series,
+                "tally_aggregator_commits_total",
+                ("result", result)
+            ));
+        }
+        // Every value is 0 before anything happened.
+        for family in registry.gather() {
+            for metric in family.get_metric() {
+                assert_eq!(metric.get_counter().get_value(), 0.0, "{}", family.name());
+            }
+        }
+    }
+
+    #[test]
+    fn partition_series_follow_assignment() {
+        let registry = Registry::new();
+        let metrics = AggregatorMetrics::new(&registry).unwrap();
+        let families = [
+            "tally_aggregator_consumer_lag",
+            "tally_aggregator_commit_lag",
+            "tally_aggregator_late_records_total",
+            "tally_aggregator_watermark_lag_seconds",
+        ];
+        assert!(families
+            .iter()
+            .all(|family| !has(&series(&registry), family, ("partition", "3"))));
+        metrics.track_partition(3);
+        let assigned = series(&registry);
+        for family in families {
+            assert!(has(&assigned, family, ("partition", "3")), "{family}");
+        }
+        metrics.late_by_partition.with_label_values(&["3"]).inc();
+        metrics.forget_partition(3);
+        let revoked = series(&registry);
+        for family in &families[..2] {
+            assert!(!has(&revoked, family, ("partition", "3")), "{family}");
+        }
+        assert!(!has(
+            &revoked,
+            "tally_aggregator_watermark_lag_seconds",
+            ("partition", "3")
+        ));
+        // The late total survives the revoke (no false counter reset).
+        assert_eq!(metrics.late_by_partition.with_label_values(&["3"]).get(), 1);
+        // Forgetting twice, or an unknown partition, is harmless.
+        metrics.forget_partition(3);
+        metrics.forget_partition(99);
     }
 }

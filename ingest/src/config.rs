@@ -24,6 +24,7 @@ const PROTECTED_KAFKA_OPTIONS: &[&str] = &[
     "linger.ms",
     "queue.buffering.max.ms",
     "queue.buffering.max.messages",
+    "queue.buffering.max.kbytes",
     "max.in.flight.requests.per.connection",
     "max.in.flight",
 ];

@@ -55,6 +55,30 @@ pub enum IngestError {
     #[error("request did not complete within {}", humantime::format_duration(*.0))]
     RequestTimeout(Duration),
 
+    // ---- refused at the HTTP layer (the connection is closed after the answer) ----
+    /// The request line or a header could not be parsed as HTTP/1.1 (found by hyper;
+    /// answered by the connection wrapper, `connection.rs`).
+    #[error("the request could not be parsed as HTTP/1.1 (request line or a header is malformed)")]
+    MalformedRequest,
+
+    /// The request target is longer than the parser accepts.
+    #[error("the request target (URI) is too long")]
+    UriTooLong,
+
+    /// The request head has too many header lines or is too large.
+    #[error("the request headers are too many or too large")]
+    HeadersTooLarge,
+
+    /// `Host` is missing (HTTP/1.1), repeated or not a host name (RFC 9112 §3.2).
+    #[error("{0}")]
+    InvalidHost(&'static str),
+
+    /// A transfer coding other than `chunked`; the edge decodes no other.
+    #[error(
+        "transfer coding {0:?} is not supported: send the body as is or chunked, uncompressed"
+    )]
+    UnsupportedTransferEncoding(String),
+
     // ---- infrastructure -----------------------------------------------------------
     /// The broker did not acknowledge every record within the delivery timeout, or
     /// refused them. The records are not known to be durable.
@@ -101,6 +125,25 @@ impl IngestError {
                 | IngestError::NotFound
                 | IngestError::MethodNotAllowed { .. }
                 | IngestError::RequestTimeout(_)
+                | IngestError::MalformedRequest
+                | IngestError::UriTooLong
+                | IngestError::HeadersTooLarge
+                | IngestError::InvalidHost(_)
+                | IngestError::UnsupportedTransferEncoding(_)
+        )
+    }
+
+    /// True when the connection is closed after this answer whatever the state of the
+    /// body: the request was refused at the HTTP layer, where what follows on the
+    /// connection cannot be trusted to be the next request.
+    pub fn closes_connection(&self) -> bool {
+        matches!(
+            self,
+            IngestError::MalformedRequest
+                | IngestError::UriTooLong
+                | IngestError::HeadersTooLarge
+                | IngestError::InvalidHost(_)
+                | IngestError::UnsupportedTransferEncoding(_)
         )
     }
 
@@ -128,6 +171,7 @@ impl IngestError {
             IngestError::InvalidBatch(BatchRejection::TooManyItems { .. }) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
+            IngestError::InvalidBatch(BatchRejection::Empty) => StatusCode::UNPROCESSABLE_ENTITY,
             IngestError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             IngestError::BodyRead(_) => StatusCode::BAD_REQUEST,
             IngestError::UnsupportedMediaType { .. } => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -136,6 +180,11 @@ impl IngestError {
             IngestError::NotFound => StatusCode::NOT_FOUND,
             IngestError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             IngestError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            IngestError::MalformedRequest
+            | IngestError::InvalidHost(_)
+            | IngestError::UnsupportedTransferEncoding(_) => StatusCode::BAD_REQUEST,
+            IngestError::UriTooLong => StatusCode::URI_TOO_LONG,
+            IngestError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             IngestError::BrokerUnavailable { .. }
             | IngestError::QueueFull
             | IngestError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -154,6 +203,7 @@ impl IngestError {
             IngestError::InvalidBatch(BatchRejection::Framing(invalid)) => invalid.reason.code(),
             IngestError::InvalidBatch(BatchRejection::Items(_)) => "invalid_items",
             IngestError::InvalidBatch(BatchRejection::TooManyItems { .. }) => "too_many_items",
+            IngestError::InvalidBatch(BatchRejection::Empty) => "empty_batch",
             IngestError::BodyTooLarge { .. } => "body_too_large",
             IngestError::BodyRead(_) => "body_read_failed",
             IngestError::UnsupportedMediaType { .. } => "unsupported_media_type",
@@ -162,6 +212,11 @@ impl IngestError {
             IngestError::NotFound => "not_found",
             IngestError::MethodNotAllowed { .. } => "method_not_allowed",
             IngestError::RequestTimeout(_) => "request_timeout",
+            IngestError::MalformedRequest => "malformed_request",
+            IngestError::UriTooLong => "uri_too_long",
+            IngestError::HeadersTooLarge => "headers_too_large",
+            IngestError::InvalidHost(_) => "invalid_host",
+            IngestError::UnsupportedTransferEncoding(_) => "unsupported_transfer_encoding",
             IngestError::BrokerUnavailable { .. } => "broker_unavailable",
             IngestError::QueueFull => "queue_full",
             IngestError::NotReady(_) => "not_ready",

@@ -8,10 +8,15 @@
 //!   a retry can help.
 //! - `server`: the accept loop (connection cap, header-read timeout, graceful drain
 //!   and producer flush on shutdown); entry points [`run`] and [`run_with`].
-//! - `handlers`: routing and the request handlers (auth, rate limit, content type,
-//!   bounded body read, decode, produce, respond).
+//! - `connection`: the socket wrapper that answers requests hyper cannot parse with
+//!   the edge's JSON errors.
+//! - `handlers`: routing and the request handlers (HTTP framing checks, auth, rate
+//!   limit, content type, bounded body read, decode, produce, respond, keep-alive).
 //! - `producer`: the idempotent Kafka producer (acks=all, Java-compatible murmur2
-//!   partitioning) and the readiness probe.
+//!   partitioning), all-or-nothing admission into its bounded queue, the readiness
+//!   probe, and an in-memory stand-in for Kafka.
+//! - [`offline`]: the edge without network or broker (raw bytes in, raw answers out)
+//!   and the checks the fuzz targets assert; used by `fuzz/` and the corpus tests.
 //! - `responses`: the JSON bodies of `202` answers and of errors.
 //! - `auth`: bearer tokens, compared in constant time and never logged.
 //! - `rate_limit`: per-client token buckets with bounded memory.
@@ -56,18 +61,27 @@
 //! | Status | `error` | When |
 //! |---|---|---|
 //! | 400 | `invalid_json`, `body_read_failed` | body is not well-formed JSON / the client broke off the body |
+//! | 400 | `malformed_request`, `invalid_host`, `unsupported_transfer_encoding` | HTTP layer, any path, connection closed: request line or header does not parse / HTTP/1.1 without `Host` or two `Host`s / a transfer coding other than `chunked` |
 //! | 401 | `unauthorized` | auth is on and the bearer token is missing or unknown |
 //! | 404 | `not_found` | unknown route |
 //! | 405 | `method_not_allowed` | known route, wrong method (`Allow` names the right one) |
 //! | 408 | `request_timeout` | the request (body included) did not complete within `--request-timeout` |
 //! | 413 | `body_too_large`, `too_many_items` | body over `--max-body-bytes`, batch over `--max-batch-items` |
+//! | 414 | `uri_too_long` | HTTP layer: request target over 64 KiB (connection closed) |
 //! | 415 | `unsupported_media_type` | wrong or missing `Content-Type` |
-//! | 422 | a rule code from `RejectReason` (`invalid_key`, `invalid_value`, `unknown_field`, …) or `invalid_items` | the contract is broken |
+//! | 422 | a rule code from `RejectReason` (`invalid_key`, `invalid_value`, `unknown_field`, …), `invalid_items` or `empty_batch` | the contract is broken / a batch without items |
+//! | 431 | `headers_too_large` | HTTP layer: over 100 headers or a head over 80 KiB (connection closed) |
 //! | 429 | `rate_limited` | the client's token bucket is empty (`Retry-After`) |
 //! | 503 | `broker_unavailable`, `queue_full` | not acknowledged within `--delivery-timeout`, or the producer queue is full (`Retry-After`) |
 //!
-//! A `503` means "not known to be durable": some or all records of the request may
-//! still reach Kafka, so a retry can duplicate them (at-least-once at the edge).
+//! A `503 broker_unavailable` means "not known to be durable": some or all records of
+//! the request may still reach Kafka, so a retry can duplicate them (at-least-once at
+//! the edge). A `503 queue_full` means nothing of the request was produced: room for
+//! all its records is reserved before the first is enqueued.
+//!
+//! HTTP/1.1 only (an HTTP/2 prior-knowledge preface gets the connection closed).
+//! An answer sent before the body was read drains the rest of the body (at most
+//! 64 KiB, 1 s) to keep the connection; otherwise it says `Connection: close`.
 //! Every response carries `x-request-id`; the same id is the Kafka record header
 //! `x-request-id` and a field of the request's tracing span.
 //!
@@ -83,8 +97,10 @@
 
 pub mod config;
 pub mod error;
+pub mod offline;
 
 mod auth;
+mod connection;
 mod handlers;
 mod metrics;
 mod producer;

@@ -5,6 +5,7 @@ use http::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICA
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use serde::Serialize;
+use tally_schemas::names::REQUEST_ID_HEADER;
 use tally_schemas::BatchRejection;
 
 use crate::error::IngestError;
@@ -57,6 +58,65 @@ pub(crate) fn accepted(
 
 /// The JSON error answer for `error`, with `Retry-After` / `Allow` when they apply.
 pub(crate) fn error(error: &IngestError, request_id: &RequestId) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(error_body(error, request_id))));
+    *response.status_mut() = error.status();
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, APPLICATION_JSON);
+    if let Some(retry_after) = error.retry_after() {
+        // Whole seconds, rounded up: "0" would invite an immediate retry.
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        response
+            .headers_mut()
+            .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    }
+    if matches!(error, IngestError::Unauthorized) {
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if let IngestError::MethodNotAllowed { allow } = error {
+        response
+            .headers_mut()
+            .insert(ALLOW, HeaderValue::from_static(allow));
+    }
+    response
+}
+
+/// The same JSON error answer as raw HTTP/1.x bytes, for the answers written beneath
+/// hyper (`connection.rs`); it ends the connection. `version` and `date` are those of
+/// the answer it replaces.
+pub(crate) fn error_http_bytes(
+    version: &str,
+    error: &IngestError,
+    request_id: &RequestId,
+    date: Option<&[u8]>,
+) -> Vec<u8> {
+    let body = error_body(error, request_id);
+    let status = error.status();
+    let mut bytes = Vec::with_capacity(body.len() + 256);
+    bytes.extend_from_slice(version.as_bytes());
+    bytes.push(b' ');
+    bytes.extend_from_slice(status.as_str().as_bytes());
+    bytes.push(b' ');
+    bytes.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    bytes.extend_from_slice(b"\r\ncontent-type: application/json\r\n");
+    bytes.extend_from_slice(REQUEST_ID_HEADER.as_bytes());
+    bytes.extend_from_slice(b": ");
+    bytes.extend_from_slice(request_id.as_bytes());
+    bytes.extend_from_slice(b"\r\nconnection: close\r\ncontent-length: ");
+    bytes.extend_from_slice(body.len().to_string().as_bytes());
+    if let Some(date) = date {
+        bytes.extend_from_slice(b"\r\ndate: ");
+        bytes.extend_from_slice(date);
+    }
+    bytes.extend_from_slice(b"\r\n\r\n");
+    bytes.extend_from_slice(&body);
+    bytes
+}
+
+/// The JSON body of an error answer.
+fn error_body(error: &IngestError, request_id: &RequestId) -> Vec<u8> {
     let mut body = ErrorBody {
         error: error.code(),
         message: error.to_string(),
@@ -87,25 +147,7 @@ pub(crate) fn error(error: &IngestError, request_id: &RequestId) -> Response<Ful
         }
         _ => {}
     }
-    let mut response = json_response(error.status(), &body);
-    if let Some(retry_after) = error.retry_after() {
-        // Whole seconds, rounded up: "0" would invite an immediate retry.
-        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-        response
-            .headers_mut()
-            .insert(RETRY_AFTER, HeaderValue::from(seconds.max(1)));
-    }
-    if matches!(error, IngestError::Unauthorized) {
-        response
-            .headers_mut()
-            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    if let IngestError::MethodNotAllowed { allow } = error {
-        response
-            .headers_mut()
-            .insert(ALLOW, HeaderValue::from_static(allow));
-    }
-    response
+    to_json_bytes(&body)
 }
 
 /// A small JSON answer such as `{"status":"ok"}`.
@@ -117,11 +159,14 @@ pub(crate) fn status(status: StatusCode, text: &'static str) -> Response<Full<By
     json_response(status, &StatusBody { status: text })
 }
 
+/// Serializing these plain structs cannot fail; fall back to an empty object anyway
+/// rather than panic.
+fn to_json_bytes<T: Serialize>(body: &T) -> Vec<u8> {
+    serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec())
+}
+
 fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
-    // Serializing these plain structs cannot fail; fall back to an empty object anyway
-    // rather than panic.
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| b"{}".to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    let mut response = Response::new(Full::new(Bytes::from(to_json_bytes(body))));
     *response.status_mut() = status;
     response
         .headers_mut()

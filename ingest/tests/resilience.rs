@@ -172,6 +172,77 @@ async fn a_full_producer_queue_gives_503_queue_full_at_once() {
     server.stop().await.unwrap();
 }
 
+/// Issue 7: a batch `503 queue_full` must mean that nothing of that request was
+/// produced. The queue holds 10 records; one is waiting for a broker that is down, so a
+/// batch of 10 does not fit. It must be refused before any of it is enqueued: once
+/// the brokers are back, the topic holds the waiting record and none of the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_does_not_fit_the_queue_is_refused_whole() {
+    let cluster = TestCluster::start();
+    let config = tally_ingest::IngestConfig {
+        max_queued_records: 10,
+        max_batch_items: 10,
+        delivery_timeout: Duration::from_secs(8),
+        request_timeout: Duration::from_secs(12),
+        ..cluster.config()
+    };
+    let server = TestServer::start(config).await;
+    let client = HttpClient::default();
+    let (warm_up, _) = random_increment(1);
+    let answer = client.post_json(&server.url("/increment"), warm_up).await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{}", answer.text);
+
+    cluster.all_brokers_down();
+    let (waiting_body, waiting_key) = random_increment(2);
+    let waiting = {
+        let client = HttpClient::default();
+        let url = server.url("/increment");
+        tokio::spawn(async move { client.post_json(&url, waiting_body).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let batch_keys: Vec<String> = (0..10)
+        .map(|_| uuid::Uuid::new_v4().hyphenated().to_string())
+        .collect();
+    let batch = format!(
+        "[{}]",
+        batch_keys
+            .iter()
+            .map(|key| format!(r#"{{"key":"{key}","value":5}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let refused = client.post_json(&server.url("/increments"), batch).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.text
+    );
+    assert_eq!(refused.error_code(), "queue_full");
+
+    cluster.all_brokers_up();
+    let waiting = waiting.await.unwrap();
+    assert_eq!(waiting.status, StatusCode::ACCEPTED, "{}", waiting.text);
+    // Shutdown flushes the producer: whatever was enqueued is now in the topic.
+    server.stop().await.unwrap();
+
+    let total = cluster.record_count();
+    let records = cluster.read_records(usize::try_from(total).unwrap());
+    let keys: Vec<String> = records
+        .values()
+        .filter_map(|record| record.key.clone())
+        .collect();
+    assert!(keys.contains(&waiting_key), "{keys:?}");
+    let leaked: Vec<&String> = keys.iter().filter(|key| batch_keys.contains(key)).collect();
+    assert!(
+        leaked.is_empty(),
+        "{} record(s) of a batch answered 503 queue_full reached the topic",
+        leaked.len()
+    );
+    assert_eq!(total, 2, "the warm-up and the waiting record, nothing else");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_finishes_the_in_flight_request() {
     let cluster = TestCluster::start();

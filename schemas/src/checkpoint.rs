@@ -27,6 +27,12 @@ pub struct Checkpoint {
     /// The window size and grace the state was computed with (`None` in checkpoints
     /// of builds that did not pin them, and in plans that leave them to the store).
     pub settings: Option<SumSettings>,
+    /// An external offset reset at `next_offset`, claimed with `generation`: nothing
+    /// is known before the offset, and the windows the first usable record can share
+    /// with earlier records stay frozen (see the aggregator's `Resume::ExternalReset`).
+    /// Saved before any row of that generation is written, so the next reset picks a
+    /// higher generation even if this one never got further.
+    pub external_reset: bool,
 }
 
 /// Marks Tally's metadata so foreign commit metadata is never misread as ours.
@@ -48,6 +54,8 @@ struct Envelope {
     w: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     g: Option<i64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    reset: bool,
 }
 
 /// Commit metadata that is not Tally's, or is for a different offset.
@@ -70,6 +78,19 @@ impl Checkpoint {
             closed_through_ms: None,
             generation: 0,
             settings: None,
+            external_reset: false,
+        }
+    }
+
+    /// The claim of an external reset at `next_offset` with `generation`.
+    pub fn reset_claim(next_offset: i64, generation: u16, settings: Option<SumSettings>) -> Self {
+        Checkpoint {
+            next_offset,
+            max_ts_ms: None,
+            closed_through_ms: None,
+            generation,
+            settings,
+            external_reset: true,
         }
     }
 
@@ -83,6 +104,7 @@ impl Checkpoint {
             gen: self.generation,
             w: self.settings.map(|s| s.window_ms),
             g: self.settings.map(|s| s.grace_ms),
+            reset: self.external_reset,
         };
         // Serialising plain integers cannot fail; fall back to an empty string
         // (which decodes as "no state") rather than panicking.
@@ -124,6 +146,7 @@ impl Checkpoint {
             closed_through_ms: envelope.closed,
             generation: envelope.gen,
             settings,
+            external_reset: envelope.reset,
         })
     }
 }
@@ -143,6 +166,7 @@ mod tests {
                 window_ms: 10_000,
                 grace_ms: 2_000,
             }),
+            external_reset: false,
         };
         let text = checkpoint.to_metadata();
         assert!(text.len() < 128, "metadata too long: {text}");
@@ -157,6 +181,15 @@ mod tests {
         assert_eq!(checkpoint.settings, None);
         assert_eq!(checkpoint.generation, 2);
         assert!(Checkpoint::from_metadata(r#"{"tally":1,"next":7,"w":10}"#, 7).is_err());
+    }
+
+    #[test]
+    fn a_reset_claim_round_trips() {
+        let claim = Checkpoint::reset_claim(9, 4, None);
+        let text = claim.to_metadata();
+        assert!(text.contains("\"reset\":true"), "{text}");
+        assert_eq!(Checkpoint::from_metadata(&text, 9), Ok(claim));
+        assert!(!Checkpoint::fresh(9).to_metadata().contains("reset"));
     }
 
     #[test]

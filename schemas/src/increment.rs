@@ -366,9 +366,12 @@ pub struct ItemRejection {
 /// Why a batch was refused as a whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum BatchRejection {
-    /// The framing itself is broken (not an array, malformed array, empty batch).
+    /// The framing itself is broken (not an array, malformed array).
     #[error("{0}")]
     Framing(InvalidIncrement),
+    /// Well-formed, but no items: `[]`, or an NDJSON body of blank lines only.
+    #[error("the batch has no items")]
+    Empty,
     /// Some items break the rules; nothing of the batch may be produced.
     #[error("{} invalid item(s) in batch", .0.len())]
     Items(Vec<ItemRejection>),
@@ -406,10 +409,7 @@ pub fn decode_batch(
             .collect(),
     };
     if items.is_empty() {
-        return Err(BatchRejection::Framing(InvalidIncrement::new(
-            RejectReason::InvalidJson,
-            "empty batch",
-        )));
+        return Err(BatchRejection::Empty);
     }
     if items.len() > max_items {
         return Err(BatchRejection::TooManyItems {

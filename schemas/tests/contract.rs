@@ -244,10 +244,6 @@ fn batch_framing_errors() {
         RejectReason::InvalidJson
     );
     assert_eq!(
-        framing("[]", BatchFormat::JsonArray),
-        RejectReason::InvalidJson
-    );
-    assert_eq!(
         framing("[", BatchFormat::JsonArray),
         RejectReason::InvalidJson
     );
@@ -255,10 +251,19 @@ fn batch_framing_errors() {
         framing(&body("1"), BatchFormat::JsonArray),
         RejectReason::NotAnObject
     );
-    assert_eq!(
-        framing("\n\n", BatchFormat::Ndjson),
-        RejectReason::InvalidJson
-    );
+    // Well-formed but empty batches are their own rejection (HTTP 422 `empty_batch`).
+    for (text, format) in [
+        ("[]", BatchFormat::JsonArray),
+        (" [ ] \n", BatchFormat::JsonArray),
+        ("\n\n", BatchFormat::Ndjson),
+        ("", BatchFormat::Ndjson),
+    ] {
+        assert_eq!(
+            decode_batch(text.as_bytes(), format, 10),
+            Err(BatchRejection::Empty),
+            "{text:?}"
+        );
+    }
     let many = format!("[{}]", vec![body("1"); 11].join(","));
     assert!(matches!(
         decode_batch(many.as_bytes(), BatchFormat::JsonArray, 10),

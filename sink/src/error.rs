@@ -19,6 +19,13 @@ pub enum SinkError {
     /// The Kafka producer for dead letters failed transiently (broker down, timeout).
     #[error("dead-letter producer failed: {0}")]
     DeadLetter(String),
+    /// The dead letter can never be delivered as it is (too large for the topic, topic
+    /// missing, not authorised, producer unusable): retrying the same send cannot help.
+    #[error("dead letter undeliverable ({}): {detail}", kind.code())]
+    DeadLetterUndeliverable {
+        kind: crate::dlq::Undeliverable,
+        detail: String,
+    },
     /// A row read back from the store cannot be represented (corrupt or foreign data).
     #[error("unreadable row in store: {0}")]
     BadRow(String),
@@ -28,5 +35,14 @@ impl SinkError {
     /// True when the same operation may succeed later.
     pub fn is_retryable(&self) -> bool {
         matches!(self, SinkError::Unavailable(_) | SinkError::DeadLetter(_))
+    }
+
+    /// For a dead letter that can never be delivered, why (a bounded metric label via
+    /// [`Undeliverable::code`](crate::dlq::Undeliverable::code)); `None` otherwise.
+    pub fn undeliverable(&self) -> Option<crate::dlq::Undeliverable> {
+        match self {
+            SinkError::DeadLetterUndeliverable { kind, .. } => Some(*kind),
+            _ => None,
+        }
     }
 }

@@ -6,17 +6,19 @@
 //!   and [`open_store`].
 //! - [`sqlite`]: the embedded backend (SQLite file, WAL, version-guarded upserts).
 //! - [`scylla_store`]: the ScyllaDB backend (prepared statements, write timestamp = version).
+//! - [`scylla_session`]: how it reaches a production cluster (auth, TLS, local DC).
 //! - [`dlq`]: the dead-letter producer (idempotent, acks=all).
 //! - [`error`]: [`SinkError`], which separates bad data from infrastructure failure.
 
 pub mod dlq;
 pub mod error;
 pub mod row;
+pub mod scylla_session;
 pub mod scylla_store;
 pub mod sqlite;
 pub mod store;
 
-pub use dlq::{DeadLetter, DeadLetterProducer};
+pub use dlq::{DeadLetter, DeadLetterProducer, DeliveryFailure, Undeliverable};
 pub use error::SinkError;
 pub use row::{RangeTotal, WindowRow, WindowTotal};
 pub use scylla_store::ScyllaStore;

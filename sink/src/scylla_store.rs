@@ -131,6 +131,7 @@ type RawCheckpoint = (
     Option<i32>,
     Option<i64>,
     Option<i64>,
+    Option<bool>,
 );
 
 /// The bound values of the checkpoint insert.
@@ -144,6 +145,7 @@ type CheckpointValues<'a> = (
     i32,
     Option<i64>,
     Option<i64>,
+    bool,
 );
 
 /// The ScyllaDB window store. All statements are prepared once in [`connect`](Self::connect).
@@ -208,12 +210,18 @@ impl ScyllaStore {
             return Err(SinkError::Config("no ScyllaDB node given".into()));
         }
 
-        let session = SessionBuilder::new()
+        let builder = SessionBuilder::new()
             .known_nodes(nodes)
-            .connection_timeout(CONNECT_TIMEOUT)
-            .build()
-            .await
-            .map_err(new_session_error)?;
+            .connection_timeout(CONNECT_TIMEOUT);
+        let session = crate::scylla_session::configure(
+            builder,
+            options.auth.as_ref(),
+            options.tls.as_ref(),
+            options.local_dc.as_deref(),
+        )?
+        .build()
+        .await
+        .map_err(new_session_error)?;
 
         for ddl in schema_statements(keyspace, &options.replication) {
             session
@@ -228,13 +236,13 @@ impl ScyllaStore {
         let insert_columns = "key, bucket, window_start, partition, window_end, sum, count, final, through_offset, generation";
         let row_columns = "key, window_start, partition, window_end, sum, count, final, through_offset, generation";
         let checkpoint_columns =
-            "next_offset, max_ts, closed_through, generation, window_ms, grace_ms";
+            "next_offset, max_ts, closed_through, generation, window_ms, grace_ms, external_reset";
         let checkpoint_scope = "consumer_group = ? AND topic = ? AND partition = ?";
         let insert_checkpoint_cql = |ttl: Option<i32>| {
             let using = ttl.map_or_else(String::new, |seconds| format!(" USING TTL {seconds}"));
             format!(
                 "INSERT INTO {ks}.tally_checkpoints (consumer_group, topic, partition, {checkpoint_columns}) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?){using}"
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?){using}"
             )
         };
 
@@ -256,18 +264,20 @@ impl ScyllaStore {
             "SELECT {checkpoint_columns} FROM {ks}.tally_checkpoints WHERE {checkpoint_scope} AND next_offset = ?"
         ))
         .await?;
-        // CLUSTERING ORDER BY (next_offset DESC): the first row is the highest offset.
+        // The latest is the highest generation, then the highest offset: all rows of
+        // the scope are read (a handful: pruning keeps CHECKPOINTS_KEPT per run).
         let select_checkpoint_latest = prepare(format!(
-            "SELECT {checkpoint_columns} FROM {ks}.tally_checkpoints WHERE {checkpoint_scope} LIMIT 1"
+            "SELECT {checkpoint_columns} FROM {ks}.tally_checkpoints WHERE {checkpoint_scope}"
         ))
         .await?;
         let mut select_checkpoint_offsets = prepare(format!(
-            "SELECT next_offset FROM {ks}.tally_checkpoints WHERE {checkpoint_scope}"
+            "SELECT next_offset, generation FROM {ks}.tally_checkpoints WHERE {checkpoint_scope}"
         ))
         .await?;
         select_checkpoint_offsets.set_page_size(page_size_for_prune());
+        // One row at a time, by its full key (no range deletes).
         let delete_checkpoint = prepare(format!(
-            "DELETE FROM {ks}.tally_checkpoints WHERE {checkpoint_scope} AND next_offset = ?"
+            "DELETE FROM {ks}.tally_checkpoints WHERE {checkpoint_scope} AND next_offset = ? AND generation = ?"
         ))
         .await?;
 
@@ -369,7 +379,7 @@ impl ScyllaStore {
             (&self.select_range, type_check::<RawRow> as TypeCheck),
             (&self.select_checkpoint_exact, type_check::<RawCheckpoint>),
             (&self.select_checkpoint_latest, type_check::<RawCheckpoint>),
-            (&self.select_checkpoint_offsets, type_check::<(i64,)>),
+            (&self.select_checkpoint_offsets, type_check::<(i64, i32)>),
             (&self.select_metadata, type_check::<(i32, Option<String>)>),
         ] {
             check(statement).map_err(|err| mismatch(statement.get_statement(), &err))?;
@@ -488,7 +498,7 @@ impl ScyllaStore {
         scope: &CheckpointScope,
         saved_offset: i64,
     ) -> Result<(), SinkError> {
-        let mut seen: Vec<i64> = Vec::new();
+        let mut seen: Vec<(i64, i32)> = Vec::new();
         let mut paging_state = PagingState::start();
         for _ in 0..PRUNE_MAX_PAGES {
             let (result, next_page) = self
@@ -500,14 +510,10 @@ impl ScyllaStore {
                 )
                 .await
                 .map_err(|err| execution_error("reading checkpoints", err))?;
-            seen.extend(
-                rows_of::<(i64,)>(result)?
-                    .into_iter()
-                    .map(|(offset,)| offset),
-            );
+            seen.extend(rows_of::<(i64, i32)>(result)?);
             let at_or_below = seen
                 .iter()
-                .filter(|&&offset| offset <= saved_offset)
+                .filter(|&&(offset, _)| offset <= saved_offset)
                 .count();
             if at_or_below > CHECKPOINTS_KEPT {
                 break;
@@ -517,7 +523,9 @@ impl ScyllaStore {
                 ControlFlow::Break(()) => break,
             }
         }
-        for offset in checkpoints_to_prune(saved_offset, &seen) {
+        let offsets: Vec<i64> = seen.iter().map(|(offset, _)| *offset).collect();
+        let pruned = checkpoints_to_prune(saved_offset, &offsets);
+        for (offset, generation) in seen.iter().filter(|(offset, _)| pruned.contains(offset)) {
             self.session
                 .execute_unpaged(
                     &self.delete_checkpoint,
@@ -525,7 +533,8 @@ impl ScyllaStore {
                         scope.group.as_str(),
                         scope.topic.as_str(),
                         scope.partition,
-                        offset,
+                        *offset,
+                        *generation,
                     ),
                 )
                 .await
@@ -623,7 +632,7 @@ impl WindowStore for ScyllaStore {
         let chosen = rows_of::<RawCheckpoint>(result)?
             .into_iter()
             .filter(|raw| next_offset.is_none_or(|offset| raw.0 == offset))
-            .max_by_key(|raw| raw.0);
+            .max_by_key(|raw| (raw.3, raw.0));
         chosen.map(checkpoint_from_raw).transpose()
     }
 
@@ -708,9 +717,9 @@ fn schema_statements(keyspace: &str, replication: &str) -> [String; 4] {
         format!(
             "CREATE TABLE IF NOT EXISTS {keyspace}.tally_checkpoints (consumer_group text, topic text, \
              partition int, next_offset bigint, max_ts bigint, closed_through bigint, generation int, \
-             window_ms bigint, grace_ms bigint, \
-             PRIMARY KEY ((consumer_group, topic, partition), next_offset)) \
-             WITH CLUSTERING ORDER BY (next_offset DESC)"
+             window_ms bigint, grace_ms bigint, external_reset boolean, \
+             PRIMARY KEY ((consumer_group, topic, partition), next_offset, generation)) \
+             WITH CLUSTERING ORDER BY (next_offset DESC, generation DESC)"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {keyspace}.tally_metadata (name text, revision int, value text, \
@@ -875,6 +884,7 @@ fn checkpoint_values<'a>(
         i32::from(checkpoint.generation),
         checkpoint.settings.map(|s| s.window_ms),
         checkpoint.settings.map(|s| s.grace_ms),
+        checkpoint.external_reset,
     )
 }
 
@@ -902,7 +912,15 @@ fn row_from_raw(raw: RawRow) -> Result<WindowRow, SinkError> {
 }
 
 fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
-    let (next_offset, max_ts_ms, closed_through_ms, generation, window_ms, grace_ms) = raw;
+    let (
+        next_offset,
+        max_ts_ms,
+        closed_through_ms,
+        generation,
+        window_ms,
+        grace_ms,
+        external_reset,
+    ) = raw;
     let settings = crate::sqlite::checkpoint_settings(next_offset, window_ms, grace_ms)?;
     let generation = generation
         .and_then(|g| u16::try_from(g).ok())
@@ -917,6 +935,7 @@ fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
         closed_through_ms,
         generation,
         settings,
+        external_reset: external_reset.unwrap_or(false),
     })
 }
 

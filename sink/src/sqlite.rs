@@ -73,17 +73,18 @@ const WINDOW_SUMS_COLUMNS: [(&str, &str, i64); 10] = [
     ("generation", "INTEGER", 0),
 ];
 
-const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 10] = [
+const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 11] = [
     ("consumer_group", "TEXT", 1),
     ("topic", "TEXT", 2),
     ("partition", "INTEGER", 3),
     ("next_offset", "INTEGER", 4),
     ("max_ts", "INTEGER", 0),
     ("closed_through", "INTEGER", 0),
-    ("generation", "INTEGER", 0),
+    ("generation", "INTEGER", 5),
     ("window_ms", "INTEGER", 0),
     ("grace_ms", "INTEGER", 0),
     ("saved_at", "INTEGER", 0),
+    ("external_reset", "INTEGER", 0),
 ];
 
 const METADATA_COLUMNS: [(&str, &str, i64); 2] = [("name", "TEXT", 1), ("value", "TEXT", 0)];
@@ -126,7 +127,8 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     window_ms      INTEGER,
     grace_ms       INTEGER,
     saved_at       INTEGER NOT NULL,
-    PRIMARY KEY (consumer_group, topic, "partition", next_offset)
+    external_reset INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (consumer_group, topic, "partition", next_offset, generation)
 );
 CREATE TABLE IF NOT EXISTS tally_metadata (
     name  TEXT NOT NULL PRIMARY KEY,
@@ -521,15 +523,16 @@ impl WindowStore for SqliteStore {
                 .prepare_cached(
                     r#"INSERT INTO checkpoints
                         (consumer_group, topic, "partition", next_offset, max_ts, closed_through,
-                         generation, window_ms, grace_ms, saved_at)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                       ON CONFLICT (consumer_group, topic, "partition", next_offset) DO UPDATE SET
+                         generation, window_ms, grace_ms, saved_at, external_reset)
+                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                       ON CONFLICT (consumer_group, topic, "partition", next_offset, generation)
+                       DO UPDATE SET
                         max_ts = excluded.max_ts,
                         closed_through = excluded.closed_through,
-                        generation = excluded.generation,
                         window_ms = excluded.window_ms,
                         grace_ms = excluded.grace_ms,
-                        saved_at = excluded.saved_at"#,
+                        saved_at = excluded.saved_at,
+                        external_reset = excluded.external_reset"#,
                 )
                 .map_err(sqlite_error)?
                 .execute(params![
@@ -543,6 +546,7 @@ impl WindowStore for SqliteStore {
                     checkpoint.settings.map(|s| s.window_ms),
                     checkpoint.settings.map(|s| s.grace_ms),
                     now_ms(),
+                    checkpoint.external_reset,
                 ])
                 .map_err(sqlite_error)?;
             let stored: Vec<i64> = transaction
@@ -582,12 +586,15 @@ impl WindowStore for SqliteStore {
     ) -> Result<Option<Checkpoint>, SinkError> {
         let scope = scope.clone();
         self.with_writer(move |connection| {
-            let base = r#"SELECT next_offset, max_ts, closed_through, generation, window_ms, grace_ms
+            let base = r#"SELECT next_offset, max_ts, closed_through, generation, window_ms, grace_ms,
+                                 external_reset
                           FROM checkpoints
                           WHERE consumer_group = ?1 AND topic = ?2 AND "partition" = ?3"#;
             let raw = match next_offset {
                 Some(offset) => connection
-                    .prepare_cached(&format!("{base} AND next_offset = ?4"))
+                    .prepare_cached(&format!(
+                        "{base} AND next_offset = ?4 ORDER BY generation DESC LIMIT 1"
+                    ))
                     .map_err(sqlite_error)?
                     .query_row(
                         params![scope.group, scope.topic, scope.partition, offset],
@@ -595,7 +602,7 @@ impl WindowStore for SqliteStore {
                     )
                     .optional(),
                 None => connection
-                    .prepare_cached(&format!("{base} ORDER BY next_offset DESC LIMIT 1"))
+                    .prepare_cached(&format!("{base} ORDER BY generation DESC, next_offset DESC LIMIT 1"))
                     .map_err(sqlite_error)?
                     .query_row(
                         params![scope.group, scope.topic, scope.partition],
@@ -723,7 +730,15 @@ fn row_from_raw(raw: RawRow) -> Result<WindowRow, SinkError> {
     })
 }
 
-type RawCheckpoint = (i64, Option<i64>, Option<i64>, i64, Option<i64>, Option<i64>);
+type RawCheckpoint = (
+    i64,
+    Option<i64>,
+    Option<i64>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    bool,
+);
 
 fn raw_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawCheckpoint> {
     Ok((
@@ -733,12 +748,22 @@ fn raw_checkpoint(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawCheckpoint> {
         row.get(3)?,
         row.get(4)?,
         row.get(5)?,
+        row.get(6)?,
     ))
 }
 
 fn checkpoint_from_raw(raw: RawCheckpoint) -> Result<Checkpoint, SinkError> {
-    let (next_offset, max_ts_ms, closed_through_ms, generation, window_ms, grace_ms) = raw;
+    let (
+        next_offset,
+        max_ts_ms,
+        closed_through_ms,
+        generation,
+        window_ms,
+        grace_ms,
+        external_reset,
+    ) = raw;
     Ok(Checkpoint {
+        external_reset,
         settings: checkpoint_settings(next_offset, window_ms, grace_ms)?,
         next_offset,
         max_ts_ms,

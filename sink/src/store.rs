@@ -56,16 +56,18 @@ pub trait WindowStore: Send + Sync + 'static {
 
     /// Records the checkpoint that a Kafka commit at `checkpoint.next_offset` stands
     /// for. Written before the Kafka commit, so brokers that drop commit metadata
-    /// still let a restart find its replay state.
+    /// still let a restart find its replay state. Rows are keyed by offset *and*
+    /// generation: a late save from an older run never replaces a newer run's row at
+    /// the same offset (a lookup takes the highest generation).
     async fn save_checkpoint(
         &self,
         scope: &CheckpointScope,
         checkpoint: &Checkpoint,
     ) -> Result<(), SinkError>;
 
-    /// The checkpoint saved for exactly `next_offset`, or with `None` the one with
-    /// the highest `next_offset` (used to learn the last generation after an
-    /// external offset reset).
+    /// The checkpoint saved for exactly `next_offset`, or with `None` the latest one:
+    /// the highest generation, then the highest `next_offset` (a group whose offsets
+    /// expired resumes from it; an external offset reset takes a generation above it).
     async fn load_checkpoint(
         &self,
         scope: &CheckpointScope,
@@ -471,6 +473,12 @@ pub struct ScyllaOptions {
     pub consistency: String,
     /// Maximum concurrent statements in flight from one `write_rows` call.
     pub max_concurrency: usize,
+    /// Username/password authentication, when the cluster requires it.
+    pub auth: Option<crate::scylla_session::ScyllaAuth>,
+    /// TLS to every node, when set.
+    pub tls: Option<crate::scylla_session::ScyllaTls>,
+    /// Route requests only to this datacenter (token and shard aware within it).
+    pub local_dc: Option<String>,
 }
 
 impl Default for ScyllaOptions {
@@ -479,6 +487,9 @@ impl Default for ScyllaOptions {
             replication: "{'class': 'NetworkTopologyStrategy', 'replication_factor': 3}".into(),
             consistency: "LOCAL_QUORUM".into(),
             max_concurrency: 256,
+            auth: None,
+            tls: None,
+            local_dc: None,
         }
     }
 }

@@ -62,6 +62,7 @@ fn checkpoint(next_offset: i64, generation: u16) -> Checkpoint {
             window_ms: 10,
             grace_ms: next_offset % 3,
         }),
+        external_reset: next_offset % 2 == 1,
     }
 }
 
@@ -514,11 +515,11 @@ async fn checkpoints_load_exactly_or_latest_and_are_pruned() {
     };
     assert_eq!(count(0), CHECKPOINTS_KEPT as i64);
 
-    // Saving the same offset again replaces it (no duplicate row).
+    // Saving the same offset and generation again replaces it (no duplicate row).
     let replaced = Checkpoint {
         max_ts_ms: None,
         closed_through_ms: None,
-        ..checkpoint(190, 2)
+        ..checkpoint(190, 1)
     };
     store.save_checkpoint(&scope(0), &replaced).await.unwrap();
     assert_eq!(
@@ -527,8 +528,9 @@ async fn checkpoints_load_exactly_or_latest_and_are_pruned() {
     );
     assert_eq!(count(0), CHECKPOINTS_KEPT as i64);
 
-    // An offset reset back to 50: the newer checkpoints above it stay (a revoked
-    // owner's late save must not erase them) and the latest is still the highest.
+    // An offset reset back to 50 (a new generation): the checkpoints above it stay (a
+    // revoked owner's late save must not erase them), and the latest is the reset's:
+    // the highest generation comes first.
     store
         .save_checkpoint(&scope(0), &checkpoint(50, 3))
         .await
@@ -543,7 +545,7 @@ async fn checkpoints_load_exactly_or_latest_and_are_pruned() {
     );
     assert_eq!(
         store.load_checkpoint(&scope(0), None).await.unwrap(),
-        Some(replaced)
+        Some(checkpoint(50, 3))
     );
     // Saves below the old ones keep their own recent history.
     for offset in [60, 70, 80, 90, 100, 105, 110, 115] {
@@ -929,4 +931,33 @@ async fn the_bucket_is_a_scylladb_setting_that_sqlite_ignores() {
             None
         );
     }
+}
+
+#[tokio::test]
+async fn checkpoint_rows_of_different_generations_never_replace_each_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let newer = checkpoint(40, 5);
+    store.save_checkpoint(&scope(0), &newer).await.unwrap();
+    // A late save of an older run at the same offset (a zombie, or a run a replay
+    // abandoned) is kept apart and never answers.
+    let older = Checkpoint {
+        max_ts_ms: Some(1),
+        ..checkpoint(40, 2)
+    };
+    store.save_checkpoint(&scope(0), &older).await.unwrap();
+    assert_eq!(
+        store.load_checkpoint(&scope(0), Some(40)).await.unwrap(),
+        Some(newer)
+    );
+    // The latest is the highest generation first, then the highest offset: a reset
+    // backwards (higher generation, lower offset) is the latest run.
+    store
+        .save_checkpoint(&scope(0), &checkpoint(90, 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_checkpoint(&scope(0), None).await.unwrap(),
+        Some(newer)
+    );
 }

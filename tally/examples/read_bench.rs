@@ -369,6 +369,7 @@ fn main() {
                 replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".into(),
                 consistency: "ONE".into(),
                 max_concurrency: 64,
+                ..tally_sink::ScyllaOptions::default()
             },
             bucket_ms,
             retention: tally_sink::Retention::Enforce(None),

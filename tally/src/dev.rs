@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use rdkafka::mocking::MockCluster;
-use tally_schemas::names::{DLQ_TOPIC, INCREMENTS_TOPIC};
+use tally_schemas::names::{DLQ_TOPIC, INCREMENTS_TOPIC, REDRIVE_JOURNAL_TOPIC};
 use tokio::sync::watch;
 
 use crate::cli::DevArgs;
@@ -35,6 +35,11 @@ pub fn run(runtime: &tokio::runtime::Runtime, args: DevArgs) -> anyhow::Result<(
     cluster
         .create_topic(DLQ_TOPIC, 1, 1)
         .context("creating the dead-letter topic")?;
+    // The mock cluster cannot create topics on request, so `tally dlq redrive` could
+    // not create its journal here.
+    cluster
+        .create_topic(REDRIVE_JOURNAL_TOPIC, 1, 1)
+        .context("creating the re-drive journal topic")?;
     let bootstrap = cluster.bootstrap_servers();
     let result = runtime.block_on(serve(&args, &bootstrap));
     drop(cluster);
@@ -82,10 +87,12 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
         crate::shutdown::stopped(stopping.clone()),
         Some(read_handler),
     ));
+    let health = tally_aggregator::Health::new(aggregator_config.stall_timeout);
     let aggregator = tokio::spawn(tally_aggregator::run_with_store(
         aggregator_config,
         Arc::clone(&store),
         registry,
+        health,
         crate::shutdown::stopped(stopping.clone()),
     ));
 
@@ -93,6 +100,7 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     println!("kafka: {bootstrap}");
     println!("store: {store_url}");
     println!("metrics: http://{address}/metrics");
+    println!("ui: http://{address}/ui");
     let mut ingest = ingest;
     let mut aggregator = aggregator;
     tokio::select! {

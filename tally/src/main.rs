@@ -4,7 +4,7 @@
 //! - `ingest`: the HTTP edge (`tally_ingest`).
 //! - `aggregator`: the consumer-group window aggregator (`tally_aggregator`), with
 //!   `/metrics` and `/healthz` on `--metrics-listen`.
-//! - `dev`: the embedded playground (`dev.rs`).
+//! - `dev`: the embedded playground (`dev.rs`), with its live page (`ui.rs`, `/ui`).
 //! - `query`, `replay`, `dlq`, `verify`: operations (`ops/`).
 
 mod cli;
@@ -14,6 +14,7 @@ mod ops;
 mod read_api;
 mod shutdown;
 mod telemetry;
+mod ui;
 
 use anyhow::Context;
 use clap::Parser;
@@ -66,12 +67,22 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Aggregator(args) => {
             let registry = prometheus::Registry::new();
             let (stop, stopped) = tokio::sync::watch::channel(false);
-            let metrics = metrics_http::serve(&args.metrics_listen, registry.clone(), stopped)
-                .await
-                .with_context(|| format!("binding {}", args.metrics_listen))?;
-            let result =
-                tally_aggregator::run(args.config, registry, shutdown::signal_then_notify(None))
-                    .await;
+            let health = tally_aggregator::Health::new(args.config.stall_timeout);
+            let metrics = metrics_http::serve(
+                &args.metrics_listen,
+                registry.clone(),
+                Some(health.clone()),
+                stopped,
+            )
+            .await
+            .with_context(|| format!("binding {}", args.metrics_listen))?;
+            let result = tally_aggregator::run(
+                args.config,
+                registry,
+                health,
+                shutdown::signal_then_notify(None),
+            )
+            .await;
             let _ = stop.send(true);
             let _ = metrics.await;
             result?;

@@ -1,5 +1,6 @@
 //! A minimal HTTP server for processes without the ingest edge: `GET /metrics`
-//! (Prometheus text) and `GET /healthz`.
+//! (Prometheus text), `GET /healthz` (the process is up) and `GET /readyz` (the
+//! aggregator is making progress it can stand behind; 503 with the reason if not).
 
 use std::convert::Infallible;
 
@@ -18,17 +19,23 @@ use tokio::task::JoinHandle;
 pub async fn serve(
     listen: &str,
     registry: Registry,
+    health: Option<tally_aggregator::Health>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<JoinHandle<()>> {
     let listener = TcpListener::bind(listen).await?;
     tracing::info!(address = %listener.local_addr()?, "metrics serving");
-    Ok(tokio::spawn(accept_loop(listener, registry, stop)))
+    Ok(tokio::spawn(accept_loop(listener, registry, health, stop)))
 }
 
 /// At most this many metrics connections at once (scrapers are few).
 const MAX_CONNECTIONS: usize = 64;
 
-async fn accept_loop(listener: TcpListener, registry: Registry, stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: TcpListener,
+    registry: Registry,
+    health: Option<tally_aggregator::Health>,
+    stop: watch::Receiver<bool>,
+) {
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let stopping = crate::shutdown::stopped(stop);
     tokio::pin!(stopping);
@@ -44,8 +51,10 @@ async fn accept_loop(listener: TcpListener, registry: Registry, stop: watch::Rec
             continue; // Over the cap: drop the connection.
         };
         let registry = registry.clone();
+        let health = health.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| respond(request, registry.clone()));
+            let service =
+                service_fn(move |request| respond(request, registry.clone(), health.clone()));
             let connection = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(std::time::Duration::from_secs(30), connection).await;
             drop(permit);
@@ -56,6 +65,7 @@ async fn accept_loop(listener: TcpListener, registry: Registry, stop: watch::Rec
 async fn respond(
     request: Request<hyper::body::Incoming>,
     registry: Registry,
+    health: Option<tally_aggregator::Health>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let (status, content_type, body) = match request.uri().path() {
         "/metrics" => {
@@ -74,6 +84,20 @@ async fn respond(
             "application/json",
             b"{\"status\":\"ok\"}".to_vec(),
         ),
+        "/readyz" => match health.map(|health| health.readiness()) {
+            None | Some(Ok(_)) => (
+                StatusCode::OK,
+                "application/json",
+                b"{\"status\":\"ready\"}".to_vec(),
+            ),
+            Some(Err(reason)) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "application/json",
+                serde_json::json!({"status": "not_ready", "reason": reason})
+                    .to_string()
+                    .into_bytes(),
+            ),
+        },
         _ => (
             StatusCode::NOT_FOUND,
             "application/json",

@@ -720,6 +720,11 @@ pub fn handler(store: Arc<dyn WindowStore>, limits: ReadLimits) -> tally_ingest:
     Arc::new(move |request: http::Request<()>| {
         let api = Arc::clone(&api);
         Box::pin(async move {
+            // The live page's static files come through the same hook (tally/src/ui.rs).
+            let path = request.uri().path();
+            if request.method() == http::Method::GET && (path == "/ui" || path.starts_with("/ui/")) {
+                return crate::ui::answer(path);
+            }
             match api.answer(&request).await {
                 Ok(body) => respond(StatusCode::OK, body),
                 Err(refusal) => {

@@ -1,10 +1,12 @@
 //! The Grafana dashboard (and any Prometheus rule file) may only name metrics the code
-//! really exports. This starts the real `tally dev`, sends one valid and one invalid
-//! increment so the event-driven series exist, waits (bounded) for the aggregator to
-//! count the valid one, scrapes `/metrics`, and fails naming every metric referenced by
-//! a dashboard expression that the scrape does not contain. Histogram series are
-//! matched exactly: `x_bucket`, `x_sum` and `x_count` exist, a bare `x` does not.
-//! Finally it sends SIGTERM and expects a clean exit (status 0) within a deadline.
+//! really exports, and a dashboard must have something to graph from the first second.
+//! This starts the real `tally dev` and, before sending any request, scrapes
+//! `/metrics` once: every metric referenced by a dashboard expression must be there
+//! (bounded label sets at 0), except the per-partition series, which must appear for
+//! every partition once the partitions are assigned. Then one valid and one invalid
+//! increment move the counters. Histogram series are matched exactly: `x_bucket`,
+//! `x_sum` and `x_count` exist, a bare `x` does not. Finally it sends SIGTERM and
+//! expects a clean exit (status 0) within a deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -12,7 +14,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use common::{http, parse_prometheus, parse_yaml, read_repo_file, repo_root, DevProcess};
+use common::{http, parse_prometheus, parse_yaml, read_repo_file, repo_root, DevProcess, Scrape};
 
 /// PromQL words that are not metric names (functions are recognised by the `(` after them).
 const KEYWORDS: [&str; 14] = [
@@ -228,7 +230,7 @@ fn referenced_expressions() -> Vec<(String, String)> {
     let config = parse_yaml(&read_repo_file("prometheus.yml"), "prometheus.yml");
     let rule_files = config
         .get("rule_files")
-        .and_then(serde_yaml_ng::Value::as_sequence)
+        .and_then(yaml_serde::Value::as_sequence)
         .cloned()
         .unwrap_or_default();
     for file in rule_files {
@@ -288,8 +290,61 @@ fn promql_metric_name_extraction() {
     );
 }
 
+/// Families labelled by partition: their series exist once the partition is assigned
+/// (the consumer creates them then), not at process start.
+const PARTITION_FAMILIES: [&str; 6] = [
+    "tally_aggregator_consumer_lag",
+    "tally_aggregator_commit_lag",
+    "tally_aggregator_late_records_total",
+    "tally_aggregator_watermark_lag_seconds_bucket",
+    "tally_aggregator_watermark_lag_seconds_sum",
+    "tally_aggregator_watermark_lag_seconds_count",
+];
+
+/// Partitions of the playground's topic in this test.
+const PARTITIONS: usize = 3;
+
+/// Names in `referenced` that `scrape` lacks, each with the dashboard expressions
+/// naming it (and a hint when a histogram was selected by its bare name).
+fn missing_report(
+    referenced: &BTreeSet<String>,
+    sources: &[(String, String, String)],
+    scrape: &Scrape,
+    allowed_missing: &[&str],
+) -> Option<String> {
+    let missing: Vec<&String> = referenced
+        .iter()
+        .filter(|name| !scrape.sample_names.contains(*name))
+        .filter(|name| !allowed_missing.contains(&name.as_str()))
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let mut report = String::new();
+    for name in &missing {
+        for (source_name, file, expr) in sources {
+            if source_name == *name {
+                report.push_str(&format!("\n  {name}  ({file}: {expr})"));
+            }
+        }
+        if let Some(kind) = scrape.families.get(*name) {
+            report.push_str(&format!(
+                "\n    `{name}` is a {kind} family: select {name}_bucket / _sum / _count instead"
+            ));
+        }
+    }
+    Some(format!(
+        "{report}\n\nexported families: {:?}",
+        scrape.families.keys().collect::<Vec<_>>()
+    ))
+}
+
+/// `tally dev`, idle and freshly started: the first scrape, before any request, holds
+/// every metric the dashboard names (at 0) except the per-partition ones, which appear
+/// (for every partition) once the partitions are assigned. Then one valid and one
+/// invalid increment move the counters from 0 to 1.
 #[test]
-fn dashboard_uses_only_exported_metrics() {
+fn dashboard_uses_only_exported_metrics_from_the_first_scrape() {
     let expressions = referenced_expressions();
     let mut referenced: BTreeSet<String> = BTreeSet::new();
     let mut sources: Vec<(String, String, String)> = Vec::new();
@@ -305,7 +360,82 @@ fn dashboard_uses_only_exported_metrics() {
         expressions.len()
     );
 
-    let dev = DevProcess::start();
+    let partitions = PARTITIONS.to_string();
+    let dev = DevProcess::start_with(&["--partitions", &partitions]);
+
+    // 1. The first scrape, no increment sent: everything but the per-partition series.
+    let first = parse_prometheus(&dev.scrape());
+    if let Some(report) = missing_report(&referenced, &sources, &first, &PARTITION_FAMILIES) {
+        panic!(
+            "a freshly started, idle `tally dev` does not export metrics the dashboard / prometheus.yml reference:{report}\n{}",
+            dev.stderr_tail()
+        );
+    }
+    // The bounded label sets are there at 0, not missing until their first event.
+    for series in [
+        r#"tally_ingest_rejections_total{reason="invalid_json"}"#,
+        r#"tally_ingest_rejections_total{reason="unknown_field"}"#,
+        r#"tally_ingest_rejections_total{reason="rate_limited"}"#,
+        r#"tally_ingest_requests_total{route="increment",status="422"}"#,
+        r#"tally_ingest_requests_total{route="increments",status="503"}"#,
+        r#"tally_ingest_produce_errors_total{kind="queue_full"}"#,
+        r#"tally_ingest_records_accepted_total"#,
+        r#"tally_aggregator_records_total{outcome="counted"}"#,
+        r#"tally_aggregator_records_total{outcome="late"}"#,
+        r#"tally_aggregator_dlq_writes_total{reason="late"}"#,
+        r#"tally_aggregator_dlq_writes_total{reason="invalid_json"}"#,
+        r#"tally_aggregator_rows_written_total{kind="final"}"#,
+        r#"tally_aggregator_commits_total{result="error"}"#,
+        r#"tally_aggregator_store_errors_total"#,
+    ] {
+        assert_eq!(
+            first.value_of(series),
+            Some(0.0),
+            "{series} should be exported at 0 before any traffic"
+        );
+    }
+
+    // 2. Per-partition series: wait (bounded) for the assignment, then for every
+    //    partition's series of every per-partition family the dashboard names.
+    let assigned = "tally_aggregator_assigned_partitions";
+    dev.wait_for_sample(assigned, PARTITIONS as f64, Duration::from_secs(30));
+    let partition_families: Vec<&str> = PARTITION_FAMILIES
+        .into_iter()
+        .filter(|name| referenced.contains(*name))
+        .collect();
+    assert!(
+        partition_families.len() >= 4,
+        "the dashboard should graph lag, commit lag, late letters and watermark lag per partition: {partition_families:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let scrape = parse_prometheus(&dev.scrape());
+        let absent: Vec<String> = partition_families
+            .iter()
+            .flat_map(|name| (0..PARTITIONS).map(move |partition| (*name, partition)))
+            .filter(|(name, partition)| {
+                !scrape.has_labelled(name, "partition", &partition.to_string())
+            })
+            .map(|(name, partition)| format!("{name}{{partition=\"{partition}\"}}"))
+            .collect();
+        if absent.is_empty() {
+            if let Some(report) = missing_report(&referenced, &sources, &scrape, &[]) {
+                panic!("after assignment, still missing:{report}");
+            }
+            break;
+        }
+        if Instant::now() >= deadline {
+            panic!(
+                "{PARTITIONS} partitions are assigned but these per-partition series are absent \
+                 (the consumer should create them on assignment, AggregatorMetrics::track_partition): \
+                 {absent:?}\n{}",
+                dev.stderr_tail()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    // 3. Traffic moves the zeros.
     let key = "7c9e6679-7425-40de-944b-e07fc1f66afe";
     let accepted = http(
         dev.ingest,
@@ -315,7 +445,6 @@ fn dashboard_uses_only_exported_metrics() {
         format!(r#"{{"key":"{key}","value":5}}"#).as_bytes(),
     );
     assert_eq!(accepted.status, 202, "valid increment: {}", accepted.text());
-    // One refusal, so the rejection counter has a series.
     let refused = http(
         dev.ingest,
         "POST",
@@ -327,45 +456,20 @@ fn dashboard_uses_only_exported_metrics() {
 
     let counted = r#"tally_aggregator_records_total{outcome="counted"}"#;
     let text = dev.wait_for_sample(counted, 1.0, Duration::from_secs(30));
+    let scrape = parse_prometheus(&text);
     assert_eq!(
-        parse_prometheus(&text).value_of(counted),
+        scrape.value_of(counted),
         Some(1.0),
         "exactly one increment was sent"
     );
-
-    // Some series appear only after the consumer's first statistics (lag) or flush
-    // (watermark lag): poll, bounded, until everything referenced is there.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let (scrape, missing) = loop {
-        let scrape = parse_prometheus(&dev.scrape());
-        let missing: Vec<&String> = referenced
-            .iter()
-            .filter(|name| !scrape.sample_names.contains(*name))
-            .collect();
-        if missing.is_empty() || Instant::now() >= deadline {
-            break (scrape, missing);
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    };
-    if !missing.is_empty() {
-        let mut report = String::new();
-        for name in &missing {
-            for (source_name, file, expr) in &sources {
-                if source_name == *name {
-                    report.push_str(&format!("\n  {name}  ({file}: {expr})"));
-                }
-            }
-            if let Some(kind) = scrape.families.get(*name) {
-                report.push_str(&format!(
-                    "\n    `{name}` is a {kind} family: select {name}_bucket / _sum / _count instead"
-                ));
-            }
-        }
-        panic!(
-            "the dashboard / prometheus.yml reference metrics that `tally dev` does not export:{report}\n\nexported families: {:?}",
-            scrape.families.keys().collect::<Vec<_>>()
-        );
-    }
+    assert_eq!(
+        scrape.value_of(r#"tally_ingest_rejections_total{reason="unknown_field"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        scrape.value_of(r#"tally_ingest_rejections_total{reason="invalid_json"}"#),
+        Some(0.0)
+    );
 
     let status = dev.terminate(Duration::from_secs(45));
     assert!(

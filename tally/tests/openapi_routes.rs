@@ -26,7 +26,7 @@ const METHODS: [&str; 6] = ["get", "post", "put", "delete", "patch", "head"];
 
 fn spec() -> Value {
     let spec: Value =
-        serde_yaml_ng::from_str(&read_repo_file("openapi.yaml")).expect("openapi.yaml parses");
+        yaml_serde::from_str(&read_repo_file("openapi.yaml")).expect("openapi.yaml parses");
     let version = spec
         .get("openapi")
         .and_then(Value::as_str)

@@ -372,6 +372,7 @@ fn decision_order_timestamp_checks_before_late_before_already_final() {
         closed_through_ms: Some(100),
         generation: 0,
         settings: None,
+        external_reset: false,
     });
     let mut engine = PartitionEngine::new(config(10, 0), 0, resume);
     // Negative: invalid, even though its window is also closed and final.
@@ -412,6 +413,7 @@ fn already_final_records_move_max_ts_for_later_lateness() {
         closed_through_ms: Some(30),
         generation: 0,
         settings: None,
+        external_reset: false,
     });
     let mut engine = PartitionEngine::new(config(10, 5), 3, resume);
     assert_eq!(
@@ -585,6 +587,7 @@ fn checkpoint_of_an_empty_engine_is_its_resume_state() {
         closed_through_ms: Some(1_000),
         generation: 7,
         settings: Some(config(10, 500).sum_settings()),
+        external_reset: false,
     };
     let mut engine = PartitionEngine::new(config(10, 500), 0, Resume::Checkpoint(restored));
     assert_eq!(engine.flush().checkpoint, Some(restored));
@@ -593,6 +596,7 @@ fn checkpoint_of_an_empty_engine_is_its_resume_state() {
         fresh_engine.flush().checkpoint,
         Some(Checkpoint {
             settings: Some(config(10, 0).sum_settings()),
+            external_reset: false,
             ..Checkpoint::fresh(0)
         })
     );
@@ -614,6 +618,7 @@ fn checkpoint_resumes_at_the_earliest_open_window_by_offset() {
             closed_through_ms: Some(18),
             generation: 0,
             settings: Some(engine.config().sum_settings()),
+            external_reset: false,
         },
         "the earliest window in time ([10, 20)) is not the earliest by offset"
     );
@@ -630,6 +635,7 @@ fn checkpoint_resumes_at_the_earliest_open_window_by_offset() {
             closed_through_ms: Some(30),
             generation: 0,
             settings: Some(engine.config().sum_settings()),
+            external_reset: false,
         }
     );
     // Everything closed: resume after the last record with the current max_ts.
@@ -647,6 +653,7 @@ fn checkpoint_resumes_at_the_earliest_open_window_by_offset() {
             closed_through_ms: Some(90),
             generation: 0,
             settings: Some(engine.config().sum_settings()),
+            external_reset: false,
         }
     );
 }
@@ -659,6 +666,7 @@ fn checkpoint_keeps_a_restored_boundary_above_the_watermark() {
         closed_through_ms: Some(50),
         generation: 2,
         settings: None,
+        external_reset: false,
     });
     let mut engine = PartitionEngine::new(config(10, 0), 0, resume);
     engine.record(0, key(1), 55, 1, NOW_MS);
@@ -672,6 +680,7 @@ fn checkpoint_keeps_a_restored_boundary_above_the_watermark() {
             closed_through_ms: Some(55),
             generation: 2,
             settings: Some(engine.config().sum_settings()),
+            external_reset: false,
         }
     );
 }
@@ -831,6 +840,7 @@ fn external_reset_freezes_windows_up_to_the_anchor_plus_grace() {
             closed_through_ms: Some(40),
             generation: 4,
             settings: Some(engine.config().sum_settings()),
+            external_reset: false,
         })
     );
 }

@@ -68,13 +68,6 @@ pub struct StoreArgs {
     pub scylla: tally_aggregator::config::ScyllaArgs,
 }
 
-/// A window size given on the command line, in ms.
-pub fn window_ms(window: Duration) -> anyhow::Result<i64> {
-    let window_ms = i64::try_from(window.as_millis()).context("--window too large")?;
-    anyhow::ensure!(window_ms > 0, "--window must be positive");
-    Ok(window_ms)
-}
-
 impl StoreArgs {
     pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn tally_sink::WindowStore>> {
         self.scylla

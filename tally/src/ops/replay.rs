@@ -5,25 +5,33 @@
 //! commits the replay positions and leaves. Start the aggregators again afterwards
 //! and they rebuild.
 //!
-//! `--from TIME`: per partition, the new position is the first offset whose event
-//! time is at or after the start of TIME's window (Kafka's offsets-for-times), never
-//! later than what the group already committed. The committed state says: no
-//! history before that offset, windows ending at or before that window start stay as
-//! they are, and a new generation, so rebuilt rows replace the old ones even though
-//! their offsets are lower. Running it twice rebuilds the same rows again with a
-//! higher generation: the same sums.
+//! The plan is the aggregator's own (`tally_aggregator::protocol::replay`): where the
+//! group stands is resolved exactly as an aggregator would resume (commit metadata,
+//! else the store's checkpoint row for the committed offset, …), so a broker that
+//! drops commit metadata plans the same as one that keeps it.
+//!
+//! `--from TIME [--window W] [--grace G]`: rebuild every window from TIME's window
+//! start on with a new generation; with `--window`/`--grace`, the new settings apply
+//! from there on (a new settings epoch pinned in the store; every window before it
+//! must be final already).
 //!
 //! `--from-offset P:O[,P:O…]`: commits the offsets without Tally state, exactly like
 //! a reset by Kafka's own tools; the aggregator then rebuilds, per partition, only
 //! the windows after the window of the first replayed record.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use anyhow::Context;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use tally_schemas::Checkpoint;
+use tally_aggregator::protocol::replay::{
+    plan_from_offsets, plan_from_time, PartitionPosition, PlannedCommit, ReplayPlan,
+};
+use tally_aggregator::protocol::resume::{self, CommittedOffset, StoreCheckpoints};
+use tally_schemas::{PinnedSettings, SumSettings};
 use tally_sink::store::CheckpointScope;
+use tally_sink::WindowStore;
 
 use super::{admin_consumer, partitions, Brokers, KAFKA_TIMEOUT};
 use crate::read_api::{parse_time_ms, rfc3339_ms};
@@ -35,97 +43,89 @@ pub struct ReplayArgs {
     pub kafka: super::TopicArgs,
     #[arg(long, env = "TALLY_GROUP", default_value = "tally-aggregator")]
     pub group: String,
-    /// The aggregators' store (its checkpoint rows are updated too).
+    /// The aggregators' store (its checkpoint rows and pinned settings are updated).
+    #[arg(
+        long,
+        env = "TALLY_STORE",
+        default_value = "sqlite://data/tally.sqlite"
+    )]
+    pub store: String,
     #[command(flatten)]
-    pub store: super::StoreArgs,
-    /// Rebuild windows from this time on (RFC 3339, e.g. 2026-11-21T10:00:00Z).
+    pub scylla: tally_aggregator::config::ScyllaArgs,
+    /// Rebuild windows from this time on (RFC 3339, e.g. 2026-11-21T10:00:00Z, or
+    /// epoch milliseconds).
     #[arg(long)]
     pub from: Option<String>,
     /// Rebuild from these offsets, `PARTITION:OFFSET[,PARTITION:OFFSET…]`.
     #[arg(long, value_delimiter = ',')]
     pub from_offset: Vec<String>,
-    /// Window size the aggregators use (aligns `--from` to a window start).
-    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
-    pub window: std::time::Duration,
+    /// Change the window size from the --from time on (start the aggregators
+    /// with the new value afterwards).
+    #[arg(long, requires = "from", value_parser = tally_aggregator::config::parse_duration)]
+    pub window: Option<Duration>,
+    /// Change the grace from the --from time on.
+    #[arg(long, requires = "from", value_parser = tally_aggregator::config::parse_duration)]
+    pub grace: Option<Duration>,
 }
 
 pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
-    let store = args.store.open().await?;
-    if let Some(from) = &args.from {
-        let window_ms = super::window_ms(args.window)?;
-        let at = parse_time_ms(from).map_err(anyhow::Error::msg)?;
-        let window_start = at.div_euclid(window_ms) * window_ms;
-        let plan = {
-            let (brokers, group, topic) = (
-                args.kafka.brokers.clone(),
-                args.group.clone(),
-                args.kafka.topic.clone(),
-            );
-            tokio::task::spawn_blocking(move || {
-                plan_from_time(&brokers, &group, &topic, window_start)
-            })
-            .await
-            .context("planning task")??
-        };
-        let mut checkpoints = Vec::new();
-        for (partition, current) in plan {
-            let scope = CheckpointScope {
-                group: args.group.clone(),
-                topic: args.kafka.topic.clone(),
-                partition,
-            };
-            // The generation must exceed every earlier one of this partition.
-            let latest = store.load_checkpoint(&scope, None).await?;
-            let generation = current
-                .generation
-                .max(latest.map_or(0, |c| c.generation))
-                .checked_add(1)
-                .context("replay generation overflow")?;
-            let checkpoint = Checkpoint {
-                generation,
-                ..current
-            };
-            store.save_checkpoint(&scope, &checkpoint).await?;
-            println!(
-                "partition {partition}: from offset {} with generation {generation} (windows from {})",
-                checkpoint.next_offset,
-                rfc3339_ms(window_start)
-            );
-            checkpoints.push((partition, checkpoint));
+    let store = args
+        .scylla
+        .open(&args.store)
+        .await
+        .with_context(|| format!("opening {}", args.store))?;
+    let topic = args.kafka.topic.clone();
+    let plan = match &args.from {
+        Some(from) => plan_time(&args, from, store.as_ref()).await?,
+        None => {
+            let plan = plan_from_offsets(&args.from_offset)?;
+            for (partition, commit) in &plan.commits {
+                println!(
+                    "partition {partition}: from offset {} (external-reset rules)",
+                    commit.offset()
+                );
+            }
+            plan
         }
-        let (brokers, group, topic) = (
-            args.kafka.brokers.clone(),
-            args.group.clone(),
-            args.kafka.topic.clone(),
-        );
-        tokio::task::spawn_blocking(move || commit(&brokers, &group, &topic, &checkpoints, true))
-            .await
-            .context("commit task")??;
-    } else {
-        let mut checkpoints = Vec::new();
-        for item in &args.from_offset {
-            let (partition, offset) = item
-                .split_once(':')
-                .with_context(|| format!("{item:?}: expected PARTITION:OFFSET"))?;
-            let partition: i32 = partition
-                .parse()
-                .with_context(|| format!("{item:?}: bad partition"))?;
-            let offset: i64 = offset
-                .parse()
-                .with_context(|| format!("{item:?}: bad offset"))?;
-            anyhow::ensure!(offset >= 0, "{item:?}: offsets are non-negative");
-            checkpoints.push((partition, Checkpoint::fresh(offset)));
-            println!("partition {partition}: from offset {offset} (external-reset rules)");
+    };
+    // Checkpoint rows first (brokers that drop commit metadata rely on them), then the
+    // settings epoch, then the commit: a failure before the commit changes nothing the
+    // aggregators would act on; run the replay again.
+    for (partition, commit) in &plan.commits {
+        if let PlannedCommit::Checkpoint(checkpoint) = commit {
+            store
+                .save_checkpoint(&scope(&args.group, &topic, *partition), checkpoint)
+                .await?;
         }
-        let (brokers, group, topic) = (
-            args.kafka.brokers.clone(),
-            args.group.clone(),
-            args.kafka.topic.clone(),
-        );
-        tokio::task::spawn_blocking(move || commit(&brokers, &group, &topic, &checkpoints, false))
-            .await
-            .context("commit task")??;
     }
+    if let Some(new) = &plan.pinned {
+        let current = tally_sink::load_settings(store.as_ref())
+            .await?
+            .context("the store has no pinned settings")?;
+        let changed = store
+            .compare_and_set_metadata(
+                PinnedSettings::METADATA_NAME,
+                Some(&current.to_json()),
+                &new.to_json(),
+            )
+            .await?;
+        anyhow::ensure!(
+            changed,
+            "the store's settings changed meanwhile; run the replay again"
+        );
+        let epoch = new.current();
+        println!(
+            "settings from {}: {} (generation {})",
+            epoch.from_ms.map_or_else(|| "the start".into(), rfc3339_ms),
+            epoch.settings(),
+            epoch.generation
+        );
+    }
+    let (brokers, group) = (args.kafka.brokers.clone(), args.group.clone());
+    let commits = plan.commits.clone();
+    tokio::task::spawn_blocking(move || commit(&brokers, &group, &topic, &commits))
+        .await
+        .context("commit task")??;
     println!(
         "committed; start the aggregators of group {} to rebuild",
         args.group
@@ -133,14 +133,104 @@ pub async fn run(args: ReplayArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// For each partition: the state a replay from `window_start` resumes with (before
-/// the generation bump).
-fn plan_from_time(
+fn scope(group: &str, topic: &str, partition: i32) -> CheckpointScope {
+    CheckpointScope {
+        group: group.to_owned(),
+        topic: topic.to_owned(),
+        partition,
+    }
+}
+
+/// The `--from` plan: where every partition stands, then the shared planner.
+async fn plan_time(
+    args: &ReplayArgs,
+    from: &str,
+    store: &dyn WindowStore,
+) -> anyhow::Result<ReplayPlan> {
+    let pinned = tally_sink::load_settings(store).await?.context(
+        "the store has no pinned settings: no aggregator has used it yet, so there is nothing to replay",
+    )?;
+    let at = parse_time_ms(from).map_err(anyhow::Error::msg)?;
+    let epoch = pinned.epoch_at(at);
+    let change = match (args.window, args.grace) {
+        (None, None) => None,
+        (window, grace) => {
+            let millis = |d: Duration| i64::try_from(d.as_millis()).context("duration too large");
+            Some(SumSettings {
+                window_ms: window.map(millis).transpose()?.unwrap_or(epoch.window_ms),
+                grace_ms: grace.map(millis).transpose()?.unwrap_or(epoch.grace_ms),
+            })
+        }
+    };
+    // A change starts where both the old and the new windows have a boundary.
+    let step = match change {
+        Some(new) => lcm(epoch.window_ms, new.window_ms),
+        None => epoch.window_ms,
+    };
+    let window_start = at.div_euclid(step) * step;
+
+    let (brokers, group, topic) = (
+        args.kafka.brokers.clone(),
+        args.group.clone(),
+        args.kafka.topic.clone(),
+    );
+    let broker_view =
+        tokio::task::spawn_blocking(move || read_positions(&brokers, &group, &topic, window_start))
+            .await
+            .context("planning task")??;
+    let mut positions = Vec::with_capacity(broker_view.len());
+    for (partition, committed, target) in broker_view {
+        let scope = scope(&args.group, &args.kafka.topic, partition);
+        let exact = match &committed {
+            CommittedOffset::At { offset, .. } => {
+                store.load_checkpoint(&scope, Some(*offset)).await?
+            }
+            CommittedOffset::None => None,
+        };
+        let latest = store.load_checkpoint(&scope, None).await?;
+        positions.push(PartitionPosition {
+            partition,
+            current: resume::decide(&committed, StoreCheckpoints { exact, latest }),
+            latest_generation: latest.map(|c| c.generation),
+            target,
+        });
+    }
+    let plan = plan_from_time(window_start, &positions, &pinned, change)?;
+    for (partition, commit) in &plan.commits {
+        match commit {
+            PlannedCommit::Checkpoint(checkpoint) => println!(
+                "partition {partition}: from offset {} with generation {} (windows from {})",
+                checkpoint.next_offset,
+                checkpoint.generation,
+                rfc3339_ms(window_start)
+            ),
+            PlannedCommit::WithoutState(offset) => println!(
+                "partition {partition}: stays at offset {offset} (an offset reset without Tally state)"
+            ),
+        }
+    }
+    Ok(plan)
+}
+
+fn lcm(a: i64, b: i64) -> i64 {
+    fn gcd(a: i64, b: i64) -> i64 {
+        if b == 0 {
+            a
+        } else {
+            gcd(b, a % b)
+        }
+    }
+    (a / gcd(a, b).max(1)).saturating_mul(b)
+}
+
+/// Per partition: the group's committed offset (with metadata) and the first offset
+/// whose event time is at or after `window_start`.
+fn read_positions(
     brokers: &Brokers,
     group: &str,
     topic: &str,
     window_start: i64,
-) -> anyhow::Result<Vec<(i32, Checkpoint)>> {
+) -> anyhow::Result<Vec<(i32, CommittedOffset, i64)>> {
     let consumer = admin_consumer(brokers, group)?;
     let ids = partitions(&consumer, topic)?;
     let mut query = TopicPartitionList::new();
@@ -155,12 +245,21 @@ fn plan_from_time(
     let committed = consumer
         .committed_offsets(all, KAFKA_TIMEOUT)
         .context("reading the group's committed offsets")?;
-    let committed: HashMap<i32, (Offset, String)> = committed
+    let committed: HashMap<i32, CommittedOffset> = committed
         .elements_for_topic(topic)
         .iter()
-        .map(|e| (e.partition(), (e.offset(), e.metadata().to_owned())))
+        .map(|e| {
+            let state = match e.offset() {
+                Offset::Offset(offset) => CommittedOffset::At {
+                    offset,
+                    metadata: e.metadata().to_owned(),
+                },
+                _ => CommittedOffset::None,
+            };
+            (e.partition(), state)
+        })
         .collect();
-    let mut plan = Vec::new();
+    let mut positions = Vec::new();
     for element in by_time.elements_for_topic(topic) {
         let partition = element.partition();
         let target = match element.offset() {
@@ -169,40 +268,14 @@ fn plan_from_time(
             // by time (librdkafka's mock cluster cannot): find it by reading.
             _ => scan_for_time(brokers, topic, partition, window_start)?,
         };
-        let current = committed.get(&partition);
-        let current_offset = match current {
-            Some((Offset::Offset(offset), _)) => Some(*offset),
-            _ => None,
-        };
-        let checkpoint = match current_offset {
-            // The group has not read that far yet: keep its position and state, only
-            // the generation changes (skipping forward would lose records).
-            Some(offset) if offset <= target => current
-                .and_then(|(_, metadata)| Checkpoint::from_metadata(metadata, offset).ok())
-                .unwrap_or(Checkpoint {
-                    next_offset: offset,
-                    max_ts_ms: None,
-                    closed_through_ms: Some(window_start),
-                    generation: 0,
-                    settings: None,
-                }),
-            _ => Checkpoint {
-                next_offset: target,
-                max_ts_ms: None,
-                closed_through_ms: Some(window_start),
-                generation: current
-                    .and_then(|(offset, metadata)| match offset {
-                        Offset::Offset(o) => Checkpoint::from_metadata(metadata, *o).ok(),
-                        _ => None,
-                    })
-                    .map_or(0, |c| c.generation),
-                settings: None,
-            },
-        };
-        plan.push((partition, checkpoint));
+        let current = committed
+            .get(&partition)
+            .cloned()
+            .unwrap_or(CommittedOffset::None);
+        positions.push((partition, current, target));
     }
-    plan.sort_by_key(|(partition, _)| *partition);
-    Ok(plan)
+    positions.sort_by_key(|(partition, _, _)| *partition);
+    Ok(positions)
 }
 
 /// The first offset of `partition` whose timestamp is at or after `time_ms`, or the
@@ -227,7 +300,7 @@ fn scan_for_time(
     consumer.assign(&assignment)?;
     let mut last_progress = std::time::Instant::now();
     loop {
-        let Some(message) = consumer.poll(std::time::Duration::from_millis(200)) else {
+        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
             anyhow::ensure!(
                 last_progress.elapsed() < KAFKA_TIMEOUT,
                 "reading {topic}/{partition} stalled"
@@ -253,13 +326,12 @@ fn commit(
     brokers: &Brokers,
     group: &str,
     topic: &str,
-    checkpoints: &[(i32, Checkpoint)],
-    with_metadata: bool,
+    commits: &[(i32, PlannedCommit)],
 ) -> anyhow::Result<()> {
     let mut list = TopicPartitionList::new();
-    for (partition, checkpoint) in checkpoints {
-        list.add_partition_offset(topic, *partition, Offset::Offset(checkpoint.next_offset))?;
-        if with_metadata {
+    for (partition, commit) in commits {
+        list.add_partition_offset(topic, *partition, Offset::Offset(commit.offset()))?;
+        if let PlannedCommit::Checkpoint(checkpoint) = commit {
             if let Some(mut element) = list.find_partition(topic, *partition) {
                 element.set_metadata(checkpoint.to_metadata());
             }
@@ -279,11 +351,18 @@ fn commit(
         .create()
         .context("creating the replay consumer")?;
     consumer.subscribe(&[topic])?;
-    let wanted = partitions(&consumer, topic)?.len();
+    let known = partitions(&consumer, topic)?;
+    for (partition, _) in commits {
+        anyhow::ensure!(
+            known.contains(partition),
+            "topic {topic} has no partition {partition}"
+        );
+    }
+    let wanted = known.len();
     let deadline = std::time::Instant::now() + GROUP_EMPTY_WAIT;
     loop {
         // Polling drives the group protocol; fetched records are ignored.
-        let _ = consumer.poll(std::time::Duration::from_millis(200));
+        let _ = consumer.poll(Duration::from_millis(200));
         let owned = consumer.assignment()?.elements_for_topic(topic).len();
         if owned == wanted {
             break;
@@ -302,4 +381,4 @@ fn commit(
 
 /// How long `replay` waits to own every partition (a crashed member holds its
 /// partitions until its session times out).
-const GROUP_EMPTY_WAIT: std::time::Duration = std::time::Duration::from_secs(45);
+const GROUP_EMPTY_WAIT: Duration = Duration::from_secs(45);

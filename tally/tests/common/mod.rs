@@ -29,9 +29,9 @@ pub fn tally_bin() -> &'static str {
 }
 
 /// Parses YAML into a value with `<<` merge keys applied (docker compose uses them).
-pub fn parse_yaml(text: &str, what: &str) -> serde_yaml_ng::Value {
-    let mut value: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(text).unwrap_or_else(|err| panic!("{what} is not YAML: {err}"));
+pub fn parse_yaml(text: &str, what: &str) -> yaml_serde::Value {
+    let mut value: yaml_serde::Value =
+        yaml_serde::from_str(text).unwrap_or_else(|err| panic!("{what} is not YAML: {err}"));
     value
         .apply_merge()
         .unwrap_or_else(|err| panic!("{what}: merge keys: {err}"));
@@ -49,6 +49,10 @@ pub struct DevProcess {
     /// The printed `metrics:` URL's address and path.
     pub metrics_addr: SocketAddr,
     pub metrics_path: String,
+    /// The printed `ui:` URL (the live page), if any.
+    pub ui: Option<String>,
+    /// The printed `kafka:` bootstrap servers, if any.
+    pub kafka: Option<String>,
     /// Every line printed on stdout up to `ready`.
     pub banner: Vec<String>,
     stderr_path: PathBuf,
@@ -59,6 +63,11 @@ impl DevProcess {
     /// Starts `tally dev --listen 127.0.0.1:0 --data-dir <tempdir>` and waits (bounded)
     /// for `ready`. The ports are the ones the process printed.
     pub fn start() -> DevProcess {
+        DevProcess::start_with(&[])
+    }
+
+    /// Like [`DevProcess::start`], with extra `tally dev` arguments.
+    pub fn start_with(extra: &[&str]) -> DevProcess {
         let dir = tempfile::tempdir().expect("tempdir");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = std::fs::File::create(&stderr_path).expect("stderr log");
@@ -66,6 +75,7 @@ impl DevProcess {
         command
             .args(["dev", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path().join("data"))
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(stderr))
@@ -83,6 +93,8 @@ impl DevProcess {
             ingest: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             metrics_path: String::new(),
+            ui: None,
+            kafka: None,
             banner: Vec::new(),
             stderr_path,
             _dir: dir,
@@ -115,6 +127,10 @@ impl DevProcess {
                 ingest = Some(url.trim().to_owned());
             } else if let Some(url) = line.strip_prefix("metrics: ") {
                 metrics = Some(url.trim().to_owned());
+            } else if let Some(url) = line.strip_prefix("ui: ") {
+                process.ui = Some(url.trim().to_owned());
+            } else if let Some(servers) = line.strip_prefix("kafka: ") {
+                process.kafka = Some(servers.trim().to_owned());
             } else if line.trim() == "ready" {
                 break;
             }
@@ -383,6 +399,19 @@ impl Scrape {
     /// a label-less `name`.
     pub fn value_of(&self, series: &str) -> Option<f64> {
         self.samples.get(series).copied()
+    }
+
+    /// True when some sample of metric `name` carries `label="value"`.
+    pub fn has_labelled(&self, name: &str, label: &str, value: &str) -> bool {
+        let prefix = format!("{name}{{");
+        let pair = format!("{label}=\"{value}\"");
+        self.samples.keys().any(|series| {
+            series.starts_with(&prefix)
+                && series[prefix.len()..]
+                    .trim_end_matches('}')
+                    .split(',')
+                    .any(|part| part == pair)
+        })
     }
 }
 

@@ -18,6 +18,7 @@ use uuid::Uuid;
 
 pub const TOPIC: &str = "increments";
 pub const DLQ_TOPIC: &str = "increments.dlq";
+pub const REDRIVE_JOURNAL_TOPIC: &str = "increments.dlq.redrive";
 
 /// librdkafka's mock cluster: real Kafka protocol on localhost, in this process.
 pub struct Kafka {
@@ -30,6 +31,9 @@ impl Kafka {
         let cluster = MockCluster::new(3).unwrap();
         cluster.create_topic(TOPIC, partitions, 1).unwrap();
         cluster.create_topic(DLQ_TOPIC, 1, 1).unwrap();
+        // `tally dlq redrive` creates its journal with CreateTopics, which the mock
+        // cluster lacks.
+        cluster.create_topic(REDRIVE_JOURNAL_TOPIC, 1, 1).unwrap();
         let bootstrap = cluster.bootstrap_servers();
         Kafka { cluster, bootstrap }
     }
