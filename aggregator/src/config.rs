@@ -65,6 +65,12 @@ pub struct AggregatorConfig {
     /// Deadline for the final flush and commit on shutdown.
     #[arg(long, env = "TALLY_SHUTDOWN_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
+    /// Keep window rows this long after their window ended (event time, so a replay
+    /// cannot extend it), then drop them: ScyllaDB rows get a TTL, SQLite prunes final
+    /// rows after its flushes. Checkpoints expire this long after they were saved.
+    /// Default: keep everything.
+    #[arg(long, env = "TALLY_RETENTION", value_parser = parse_duration)]
+    pub retention: Option<Duration>,
     /// After offsets vanished before they were read (retention deleted them), go on
     /// from the log start instead of halting the partition. The loss is counted
     /// (`tally_aggregator_lost_offsets_total`) and the windows it can touch are never
@@ -142,6 +148,11 @@ pub struct ScyllaArgs {
     /// Most ScyllaDB statements in flight per store call.
     #[arg(long, env = "TALLY_SCYLLA_CONCURRENCY", default_value_t = 256)]
     pub scylla_concurrency: usize,
+    /// ScyllaDB partition bucket: a key's windows of one bucket share a partition, so a
+    /// range read is one query per bucket. Pinned in the store on first use; every
+    /// process must use the pinned value.
+    #[arg(long, env = "TALLY_SCYLLA_BUCKET", default_value = "1d", value_parser = parse_duration)]
+    pub scylla_bucket: Duration,
     /// ScyllaDB username (PasswordAuthenticator); needs a password.
     #[arg(
         long,
@@ -273,12 +284,25 @@ impl ScyllaArgs {
         }
     }
 
-    /// Opens the store at `url` (`sqlite://` ignores these settings).
+    /// The options to open a store with, for a process with this `retention` role.
+    pub fn store_options(
+        &self,
+        retention: tally_sink::store::Retention,
+    ) -> tally_sink::StoreOptions {
+        tally_sink::StoreOptions {
+            scylla: self.options(),
+            bucket_ms: i64::try_from(self.scylla_bucket.as_millis()).unwrap_or(i64::MAX),
+            retention,
+        }
+    }
+
+    /// Opens the store at `url` as a reader (`sqlite://` ignores these settings).
     pub async fn open(
         &self,
         url: &str,
     ) -> Result<std::sync::Arc<dyn tally_sink::WindowStore>, AggregatorError> {
-        Ok(tally_sink::open_store(url, &self.options()).await?)
+        let options = self.store_options(tally_sink::store::Retention::AsRecorded);
+        Ok(tally_sink::open_store(url, &options).await?)
     }
 }
 
@@ -323,8 +347,14 @@ impl AggregatorConfig {
         }
     }
 
-    pub fn scylla_options(&self) -> tally_sink::store::ScyllaOptions {
-        self.scylla.options()
+    /// How this aggregator opens its store: the ScyllaDB settings, the bucket, and
+    /// the retention it enforces. (The name predates the retention.)
+    pub fn scylla_options(&self) -> tally_sink::StoreOptions {
+        let retention_ms = self
+            .retention
+            .map(|retention| i64::try_from(retention.as_millis()).unwrap_or(i64::MAX));
+        self.scylla
+            .store_options(tally_sink::store::Retention::Enforce(retention_ms))
     }
 }
 
@@ -378,7 +408,7 @@ mod tests {
             "--scylla-local-dc",
             "eu-west",
         ]);
-        let options = config.scylla_options();
+        let options = config.scylla.options();
         let auth = options.auth.as_ref().unwrap();
         assert_eq!(auth.username, "tally");
         assert_eq!(auth.password.expose(), "hunter2");
@@ -408,7 +438,7 @@ mod tests {
             assert!(!printed.contains("hunter2"), "{printed}");
         }
 
-        let plain = parse(&[]).scylla_options();
+        let plain = parse(&[]).scylla.options();
         assert!(plain.auth.is_none() && plain.tls.is_none() && plain.local_dc.is_none());
         let chain_only = parse(&[
             "--scylla-tls-ca-file",
@@ -416,7 +446,8 @@ mod tests {
             "--scylla-tls-verify-hostname",
             "false",
         ])
-        .scylla_options();
+        .scylla
+        .options();
         let tls = chain_only.tls.unwrap();
         assert!(!tls.verify_hostname && tls.client_cert.is_none() && tls.server_name.is_none());
     }
@@ -427,8 +458,9 @@ mod tests {
         let file = dir.path().join("password");
         std::fs::write(&file, "s3cret\n").unwrap();
         let path = file.to_str().unwrap();
-        let options =
-            parse(&["--scylla-username", "tally", "--scylla-password-file", path]).scylla_options();
+        let options = parse(&["--scylla-username", "tally", "--scylla-password-file", path])
+            .scylla
+            .options();
         assert_eq!(options.auth.unwrap().password.expose(), "s3cret");
         std::fs::write(&file, "").unwrap();
         let err = try_parse(&["--scylla-username", "u", "--scylla-password-file", path])
@@ -507,7 +539,7 @@ mod tests {
         for (name, _) in vars {
             std::env::remove_var(name);
         }
-        let options = parsed.unwrap().scylla_options();
+        let options = parsed.unwrap().scylla.options();
         let auth = options.auth.unwrap();
         assert_eq!(
             (auth.username.as_str(), auth.password.expose()),
@@ -560,5 +592,21 @@ mod tests {
         let engine = config.engine_config().unwrap();
         assert_eq!((engine.window_ms, engine.grace_ms), (500, 0));
         assert!(parse(&["--flush-interval", "0s"]).engine_config().is_err());
+    }
+
+    #[test]
+    fn retention_is_off_by_default_and_reaches_the_store_options() {
+        use tally_sink::store::Retention;
+        let options = parse(&[]).scylla_options();
+        assert_eq!(options.retention, Retention::Enforce(None));
+        assert_eq!(options.bucket_ms, 86_400_000);
+        let options = parse(&["--retention", "7d", "--scylla-bucket", "1h"]).scylla_options();
+        assert_eq!(options.retention, Retention::Enforce(Some(7 * 86_400_000)));
+        assert_eq!(options.bucket_ms, 3_600_000);
+        // Readers never enforce one.
+        let reader = parse(&["--retention", "7d"])
+            .scylla
+            .store_options(Retention::AsRecorded);
+        assert_eq!(reader.retention, Retention::AsRecorded);
     }
 }

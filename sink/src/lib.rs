@@ -20,9 +20,10 @@ pub mod store;
 
 pub use dlq::{DeadLetter, DeadLetterProducer, DeliveryFailure, Undeliverable};
 pub use error::SinkError;
-pub use row::{WindowRow, WindowTotal};
+pub use row::{RangeTotal, WindowRow, WindowTotal};
 pub use scylla_store::ScyllaStore;
 pub use sqlite::SqliteStore;
 pub use store::{
-    load_settings, open_store, pin_settings, CheckpointScope, ScyllaOptions, StoreUrl, WindowStore,
+    load_retention, load_settings, open_store, pin_settings, CheckpointScope, Retention,
+    ScyllaOptions, StoreOptions, StoreUrl, WindowStore,
 };

@@ -3,7 +3,9 @@
 use uuid::Uuid;
 
 /// One row of `window_sums`: the sum of one key's increments in one window, as
-/// counted from one Kafka partition. `PRIMARY KEY ((key, window_start), partition)`.
+/// counted from one Kafka partition. ScyllaDB: `PRIMARY KEY ((key, bucket),
+/// window_start, partition)` ([`bucket_of`]); SQLite: `PRIMARY KEY (window_start, key,
+/// partition)` with an index on `(key, window_start, partition)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WindowRow {
     pub key: Uuid,
@@ -45,6 +47,21 @@ pub fn version_of(generation: u16, through_offset: i64, is_final: bool) -> i64 {
     (i64::from(generation) << (OFFSET_BITS + 1)) | (offset << 1) | i64::from(is_final)
 }
 
+/// The ScyllaDB partition bucket of a window: its start rounded down to a multiple of
+/// `bucket_ms` (a day by default), so one key's windows of one bucket share a
+/// partition and a range read is one query per bucket touched.
+pub fn bucket_of(window_start_ms: i64, bucket_ms: i64) -> i64 {
+    let bucket_ms = bucket_ms.max(1);
+    window_start_ms.div_euclid(bucket_ms) * bucket_ms
+}
+
+/// Whether a row of a window that ended at `window_end_ms` is past a retention of
+/// `retention_ms` at `now_ms` (event time: the window's end, never the write time, so
+/// a replay cannot extend it). Such rows are gone, or about to be, from every backend.
+pub fn is_expired(window_end_ms: i64, retention_ms: i64, now_ms: i64) -> bool {
+    window_end_ms.saturating_add(retention_ms) <= now_ms
+}
+
 /// The answer to a read: one window of one key, summed over its partition rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WindowTotal {
@@ -78,6 +95,38 @@ impl WindowTotal {
             total.is_final &= row.is_final;
         }
         totals.into_values().collect()
+    }
+}
+
+/// Totals over a range of windows: what a read answers besides the windows themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeTotal {
+    pub sum: i64,
+    pub count: i64,
+    /// Windows with at least one row in the range.
+    pub windows: u64,
+    /// True if every window of the range is final (also when there is none).
+    pub all_final: bool,
+}
+
+impl Default for RangeTotal {
+    fn default() -> Self {
+        RangeTotal {
+            sum: 0,
+            count: 0,
+            windows: 0,
+            all_final: true,
+        }
+    }
+}
+
+impl RangeTotal {
+    /// Adds one window (saturating, like the per-window totals).
+    pub fn add(&mut self, window: &WindowTotal) {
+        self.sum = self.sum.saturating_add(window.sum);
+        self.count = self.count.saturating_add(window.count);
+        self.windows += 1;
+        self.all_final &= window.is_final;
     }
 }
 
@@ -129,5 +178,46 @@ mod tests {
         assert_eq!(totals[0].sum, 12);
         assert_eq!(totals[0].count, 2);
         assert!(!totals[0].is_final);
+    }
+
+    #[test]
+    fn buckets_are_aligned_and_contain_the_window() {
+        const DAY: i64 = 86_400_000;
+        assert_eq!(bucket_of(0, DAY), 0);
+        assert_eq!(bucket_of(DAY - 1, DAY), 0);
+        assert_eq!(bucket_of(DAY, DAY), DAY);
+        assert_eq!(bucket_of(-1, DAY), -DAY);
+        for start in [1_790_000_000_000i64, 1_790_000_123_456, -5] {
+            let bucket = bucket_of(start, DAY);
+            assert!(bucket <= start && start < bucket + DAY);
+            assert_eq!(bucket.rem_euclid(DAY), 0);
+        }
+    }
+
+    #[test]
+    fn expiry_counts_from_the_window_end() {
+        assert!(!is_expired(1_000, 500, 1_499));
+        assert!(is_expired(1_000, 500, 1_500));
+        assert!(!is_expired(i64::MAX - 1, i64::MAX, i64::MAX - 1));
+    }
+
+    #[test]
+    fn range_totals_add_windows() {
+        let window = |sum, is_final| WindowTotal {
+            key: Uuid::nil(),
+            window_start_ms: 0,
+            window_end_ms: 10,
+            sum,
+            count: 1,
+            is_final,
+        };
+        let mut total = RangeTotal::default();
+        assert!(total.all_final);
+        total.add(&window(5, true));
+        total.add(&window(i64::MAX, true));
+        assert_eq!((total.sum, total.count, total.windows), (i64::MAX, 2, 2));
+        assert!(total.all_final);
+        total.add(&window(1, false));
+        assert!(!total.all_final);
     }
 }

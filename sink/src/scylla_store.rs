@@ -1,5 +1,12 @@
 //! The ScyllaDB backend (`scylla://host:port[,host:port]/keyspace`).
 //!
+//! - Data model: `window_sums` is `PRIMARY KEY ((key, bucket), window_start,
+//!   partition)`. A key's windows of one bucket (a day by default, `--scylla-bucket`)
+//!   share a partition, clustered by window start, so a range read is one paged query
+//!   per bucket touched. The bucket size is pinned in the store metadata
+//!   ([`BUCKET_METADATA_NAME`]) when the table is first used: a process started with
+//!   another one is refused, and so is a table of the earlier per-window layout
+//!   (`PRIMARY KEY ((key, window_start), partition)`), with what to do instead.
 //! - Keyspace and tables are created at connect if missing (replication from
 //!   [`ScyllaOptions`]); the statements are prepared once, at connect, which also
 //!   type-checks them against the live schema, so a mismatching table fails there
@@ -11,6 +18,10 @@
 //!   TIMESTAMP` in the text): ScyllaDB keeps the cell with the highest timestamp, so
 //!   a stale or partial row can never overwrite a more complete one. Statements run
 //!   with at most `max_concurrency` in flight; no multi-partition batches.
+//! - Retention (`--retention` on the aggregator): rows are written `USING TTL ?` with
+//!   the seconds left until their window's end plus the retention (event time, so a
+//!   replay cannot extend it); a row already past it is not written at all.
+//!   Checkpoint rows live for the retention after they were saved (`USING TTL`).
 //!
 //! Time columns are CQL `timestamp` (ms since the epoch, [`CqlTimestamp`]).
 
@@ -23,8 +34,8 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::deserialize::row::DeserializeRow;
 use scylla::errors::{
-    DbError, ExecutionError, IntoRowsResultError, NewSessionError, NextPageError, NextRowError,
-    PagerExecutionError, PrepareError, RequestAttemptError, RequestError,
+    DbError, ExecutionError, IntoRowsResultError, NewSessionError, PrepareError,
+    RequestAttemptError,
 };
 use scylla::response::query_result::QueryResult;
 use scylla::response::PagingState;
@@ -35,16 +46,18 @@ use tally_schemas::Checkpoint;
 use uuid::Uuid;
 
 use crate::error::SinkError;
-use crate::row::WindowRow;
+use crate::row::{bucket_of, WindowRow};
 use crate::store::{
-    checkpoints_to_prune, CheckpointScope, ScyllaOptions, WindowStore, CHECKPOINTS_KEPT,
+    checkpoints_to_prune, effective_retention, pin_bucket, CheckpointScope, ScyllaOptions,
+    StoreOptions, WindowStore, BUCKET_METADATA_NAME, CHECKPOINTS_KEPT,
 };
 
-/// `read_rows` queries one partition per window; refuse ranges needing more.
-pub const MAX_READ_WINDOWS: i64 = 100_000;
+/// A read may touch at most this many buckets (ranges are bounded by the callers
+/// long before: the read API's maximum range is a month).
+pub const MAX_READ_BUCKETS: i64 = 10_000;
 
-/// Rows per page for the full-table scan.
-const SCAN_PAGE_SIZE: i32 = 5_000;
+/// Rows per page of a range read.
+const READ_PAGE_ROWS: usize = 5_000;
 
 /// Upper bound on pages read while looking for checkpoints to prune (normally one).
 const PRUNE_MAX_PAGES: usize = 16;
@@ -52,11 +65,18 @@ const PRUNE_MAX_PAGES: usize = 16;
 /// How long the driver waits to open a connection to a node.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The longest TTL ScyllaDB accepts (20 years, in seconds).
+pub const MAX_TTL_SECONDS: i32 = 630_720_000;
+
 /// The scope the probe writes to: partition -1 is never a Kafka partition, so it
 /// cannot collide with a real checkpoint.
 const PROBE_GROUP: &str = "tally.probe";
 const PROBE_TOPIC: &str = "tally.probe";
 const PROBE_PARTITION: i32 = -1;
+
+/// `window_sums` as this build expects it: partition key, then clustering columns.
+const PARTITION_KEY: [&str; 2] = ["key", "bucket"];
+const CLUSTERING_KEY: [&str; 2] = ["window_start", "partition"];
 
 /// A `window_sums` row as selected: (key, window_start, partition, window_end, sum,
 /// count, final, through_offset, generation). Regular columns may be null in a
@@ -77,12 +97,28 @@ type RawRow = (
 type RowValues = (
     Uuid,
     CqlTimestamp,
+    CqlTimestamp,
     i32,
     CqlTimestamp,
     i64,
     i64,
     bool,
     i64,
+    i32,
+);
+
+/// The same with the TTL (`USING TTL ?`) last.
+type RowValuesWithTtl = (
+    Uuid,
+    CqlTimestamp,
+    CqlTimestamp,
+    i32,
+    CqlTimestamp,
+    i64,
+    i64,
+    bool,
+    i64,
+    i32,
     i32,
 );
 
@@ -117,9 +153,12 @@ pub struct ScyllaStore {
     session: Session,
     description: String,
     max_concurrency: usize,
+    bucket_ms: i64,
+    /// The retention rows are written with (ms), if any.
+    retention_ms: Option<i64>,
     insert_row: PreparedStatement,
-    select_window: PreparedStatement,
-    scan_all: PreparedStatement,
+    insert_row_ttl: PreparedStatement,
+    select_range: PreparedStatement,
     insert_checkpoint: PreparedStatement,
     select_checkpoint_exact: PreparedStatement,
     select_checkpoint_latest: PreparedStatement,
@@ -134,18 +173,31 @@ impl std::fmt::Debug for ScyllaStore {
         f.debug_struct("ScyllaStore")
             .field("store", &self.description)
             .field("max_concurrency", &self.max_concurrency)
+            .field("bucket_ms", &self.bucket_ms)
+            .field("retention_ms", &self.retention_ms)
             .finish_non_exhaustive()
     }
 }
 
 impl ScyllaStore {
-    /// Connects to `nodes`, creates `keyspace` (with `options.replication`) and the
-    /// tables if missing, and prepares every statement.
+    /// [`connect_with`](Self::connect_with) with the default bucket, as a reader.
     pub async fn connect(
         nodes: &[String],
         keyspace: &str,
         options: &ScyllaOptions,
     ) -> Result<Self, SinkError> {
+        Self::connect_with(nodes, keyspace, &StoreOptions::from(options.clone())).await
+    }
+
+    /// Connects to `nodes`, creates `keyspace` (with `options.scylla.replication`) and
+    /// the tables if missing, refuses a table of another layout, pins or checks the
+    /// bucket, records or reads the retention, and prepares every statement.
+    pub async fn connect_with(
+        nodes: &[String],
+        keyspace: &str,
+        store_options: &StoreOptions,
+    ) -> Result<Self, SinkError> {
+        let options = &store_options.scylla;
         validate_keyspace(keyspace)?;
         validate_replication(&options.replication)?;
         let consistency = parse_consistency(&options.consistency)?;
@@ -177,42 +229,37 @@ impl ScyllaStore {
                 .await
                 .map_err(|err| execution_error("creating the schema", err))?;
         }
+        check_layout(&session, keyspace).await?;
 
-        let prepare = |cql: String| {
-            let session = &session;
-            async move {
-                let mut statement = session
-                    .prepare(cql.as_str())
-                    .await
-                    .map_err(|err| prepare_error(&cql, err))?;
-                statement.set_consistency(consistency);
-                // Every statement here is safe to repeat: upserts carry a fixed
-                // timestamp, reads and deletes are naturally idempotent.
-                statement.set_is_idempotent(true);
-                Ok::<_, SinkError>(statement)
-            }
-        };
+        let prepare = |cql: String| prepare_on(&session, consistency, cql);
         let ks = keyspace;
+        let insert_columns = "key, bucket, window_start, partition, window_end, sum, count, final, through_offset, generation";
         let row_columns = "key, window_start, partition, window_end, sum, count, final, through_offset, generation";
         let checkpoint_columns =
             "next_offset, max_ts, closed_through, generation, window_ms, grace_ms, external_reset";
         let checkpoint_scope = "consumer_group = ? AND topic = ? AND partition = ?";
+        let insert_checkpoint_cql = |ttl: Option<i32>| {
+            let using = ttl.map_or_else(String::new, |seconds| format!(" USING TTL {seconds}"));
+            format!(
+                "INSERT INTO {ks}.tally_checkpoints (consumer_group, topic, partition, {checkpoint_columns}) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?){using}"
+            )
+        };
 
         let insert_row = prepare(format!(
-            "INSERT INTO {ks}.window_sums ({row_columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            "INSERT INTO {ks}.window_sums ({insert_columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         ))
         .await?;
-        let select_window = prepare(format!(
-            "SELECT {row_columns} FROM {ks}.window_sums WHERE key = ? AND window_start = ?"
+        let insert_row_ttl = prepare(format!(
+            "INSERT INTO {ks}.window_sums ({insert_columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) USING TTL ?"
         ))
         .await?;
-        let mut scan_all = prepare(format!("SELECT {row_columns} FROM {ks}.window_sums")).await?;
-        scan_all.set_page_size(SCAN_PAGE_SIZE);
-        let insert_checkpoint = prepare(format!(
-            "INSERT INTO {ks}.tally_checkpoints (consumer_group, topic, partition, {checkpoint_columns}) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        let select_range = prepare(format!(
+            "SELECT {row_columns} FROM {ks}.window_sums \
+             WHERE key = ? AND bucket = ? AND window_start >= ? AND window_start < ?"
         ))
         .await?;
+        let insert_checkpoint = prepare(insert_checkpoint_cql(None)).await?;
         let select_checkpoint_exact = prepare(format!(
             "SELECT {checkpoint_columns} FROM {ks}.tally_checkpoints WHERE {checkpoint_scope} AND next_offset = ?"
         ))
@@ -245,13 +292,15 @@ impl ScyllaStore {
         ))
         .await?;
 
-        let store = ScyllaStore {
+        let mut store = ScyllaStore {
             session,
             description: format!("scylla://{}/{keyspace}", nodes.join(",")),
             max_concurrency: options.max_concurrency,
+            bucket_ms: store_options.bucket_ms,
+            retention_ms: None,
             insert_row,
-            select_window,
-            scan_all,
+            insert_row_ttl,
+            select_range,
             insert_checkpoint,
             select_checkpoint_exact,
             select_checkpoint_latest,
@@ -260,8 +309,28 @@ impl ScyllaStore {
             select_metadata,
             insert_metadata_revision,
         };
+        store.bucket_ms = pin_bucket(&store, store_options.bucket_ms).await?;
+        store.retention_ms = effective_retention(&store, store_options.retention).await?;
+        if let Some(retention_ms) = store.retention_ms {
+            store.insert_checkpoint = prepare_on(
+                &store.session,
+                consistency,
+                insert_checkpoint_cql(Some(ttl_of(retention_ms))),
+            )
+            .await?;
+        }
         store.check_types()?;
         Ok(store)
+    }
+
+    /// The bucket rows are partitioned by (ms).
+    pub fn bucket_ms(&self) -> i64 {
+        self.bucket_ms
+    }
+
+    /// The retention rows are written with (ms), if any.
+    pub fn retention_ms(&self) -> Option<i64> {
+        self.retention_ms
     }
 
     /// Type-checks bound values and selected columns against the live schema, so a
@@ -282,16 +351,32 @@ impl ScyllaStore {
             |what: &str, err: &dyn std::fmt::Display| SinkError::Schema(format!("{what}: {err}"));
         self.insert_row
             .clone()
-            .bind(&row_values(&sample))
+            .bind(&row_values(&sample, 0))
             .map_err(|err| mismatch("window_sums columns", &err))?;
+        if self.retention_ms.is_some() {
+            // A server that drops `USING TTL ?` from the statement (reporting one bind
+            // marker fewer) fails here instead of silently keeping rows forever.
+            self.insert_row_ttl
+                .clone()
+                .bind(&row_values_with_ttl(&sample, 0, 1))
+                .map_err(|err| mismatch("window_sums insert USING TTL", &err))?;
+        }
         let checkpoint = Checkpoint::fresh(0);
         self.insert_checkpoint
             .clone()
             .bind(&checkpoint_values(PROBE_GROUP, PROBE_TOPIC, 0, &checkpoint))
             .map_err(|err| mismatch("tally_checkpoints columns", &err))?;
+        self.select_range
+            .clone()
+            .bind(&(
+                Uuid::nil(),
+                CqlTimestamp(0),
+                CqlTimestamp(0),
+                CqlTimestamp(0),
+            ))
+            .map_err(|err| mismatch("window_sums range read", &err))?;
         for (statement, check) in [
-            (&self.select_window, type_check::<RawRow> as TypeCheck),
-            (&self.scan_all, type_check::<RawRow>),
+            (&self.select_range, type_check::<RawRow> as TypeCheck),
             (&self.select_checkpoint_exact, type_check::<RawCheckpoint>),
             (&self.select_checkpoint_latest, type_check::<RawCheckpoint>),
             (&self.select_checkpoint_offsets, type_check::<(i64, i32)>),
@@ -318,12 +403,23 @@ impl ScyllaStore {
             .max_by_key(|(revision, _)| *revision))
     }
 
-    async fn write_row(&self, row: &WindowRow) -> Result<(), SinkError> {
-        let mut statement = self
-            .insert_row
-            .clone()
-            .bind(&row_values(row))
-            .map_err(|err| SinkError::Schema(format!("binding a window_sums row: {err}")))?;
+    async fn write_row(&self, row: &WindowRow, now_ms: i64) -> Result<(), SinkError> {
+        let bucket = bucket_of(row.window_start_ms, self.bucket_ms);
+        let bound = match self.retention_ms {
+            None => self.insert_row.clone().bind(&row_values(row, bucket)),
+            Some(retention_ms) => {
+                let Some(ttl) = row_ttl_seconds(row.window_end_ms, retention_ms, now_ms) else {
+                    // Already past retention: readers treat it as gone, and a TTL of 0
+                    // would mean "forever".
+                    return Ok(());
+                };
+                self.insert_row_ttl
+                    .clone()
+                    .bind(&row_values_with_ttl(row, bucket, ttl))
+            }
+        };
+        let mut statement =
+            bound.map_err(|err| SinkError::Schema(format!("binding a window_sums row: {err}")))?;
         // The version is the write timestamp (the protocol's "microseconds"; only
         // its order matters): ScyllaDB keeps the highest, whatever the arrival order.
         statement.set_timestamp(Some(row.version()));
@@ -334,20 +430,62 @@ impl ScyllaStore {
         Ok(())
     }
 
-    async fn read_window(
+    /// The rows of one key and bucket in `[from_ms, to_ms)`, appended to `rows` until
+    /// it holds `limit`. Returns false when `limit` was reached.
+    async fn read_bucket(
         &self,
         key: Uuid,
-        window_start_ms: i64,
-    ) -> Result<Vec<WindowRow>, SinkError> {
-        let result = self
-            .session
-            .execute_unpaged(&self.select_window, (key, CqlTimestamp(window_start_ms)))
-            .await
-            .map_err(|err| execution_error("reading window_sums", err))?;
-        rows_of::<RawRow>(result)?
-            .into_iter()
-            .map(row_from_raw)
-            .collect()
+        bucket: i64,
+        from_ms: i64,
+        to_ms: i64,
+        limit: usize,
+        rows: &mut Vec<WindowRow>,
+    ) -> Result<bool, SinkError> {
+        let mut paging_state = PagingState::start();
+        let mut found = Vec::new();
+        loop {
+            let wanted = limit
+                .saturating_sub(rows.len() + found.len())
+                .clamp(1, READ_PAGE_ROWS);
+            let mut statement = self.select_range.clone();
+            statement.set_page_size(i32::try_from(wanted).unwrap_or(i32::MAX));
+            let (result, next_page) = self
+                .session
+                .execute_single_page(
+                    &statement,
+                    (
+                        key,
+                        CqlTimestamp(bucket),
+                        CqlTimestamp(from_ms),
+                        CqlTimestamp(to_ms),
+                    ),
+                    paging_state,
+                )
+                .await
+                .map_err(|err| execution_error("reading window_sums", err))?;
+            for raw in rows_of::<RawRow>(result)? {
+                let row = row_from_raw(raw)?;
+                // What the CQL restricts already; kept so the answer does not depend
+                // on the server honouring every restriction (the CQL test node reads
+                // whole partitions).
+                if row.window_start_ms >= from_ms && row.window_start_ms < to_ms {
+                    found.push(row);
+                }
+            }
+            if rows.len() + found.len() >= limit {
+                break;
+            }
+            match next_page.into_paging_control_flow() {
+                ControlFlow::Continue(state) => paging_state = state,
+                ControlFlow::Break(()) => break,
+            }
+        }
+        found.sort_by_key(|row| (row.window_start_ms, row.partition));
+        let room = limit.saturating_sub(rows.len());
+        let complete = found.len() < room || (found.len() == room && room == 0);
+        found.truncate(room);
+        rows.extend(found);
+        Ok(complete && rows.len() < limit)
     }
 
     /// After saving `saved_offset`, deletes the checkpoints [`checkpoints_to_prune`]
@@ -409,10 +547,11 @@ impl ScyllaStore {
 #[async_trait]
 impl WindowStore for ScyllaStore {
     async fn write_rows(&self, rows: &[WindowRow]) -> Result<(), SinkError> {
+        let now_ms = crate::store::now_ms();
         // Stops at the first failure (dropping the statements still in flight): the
         // caller retries the whole call, which is harmless since upserts are versioned.
         futures::stream::iter(rows.iter().map(Ok))
-            .try_for_each_concurrent(self.max_concurrency, |row| self.write_row(row))
+            .try_for_each_concurrent(self.max_concurrency, |row| self.write_row(row, now_ms))
             .await
     }
 
@@ -421,35 +560,35 @@ impl WindowStore for ScyllaStore {
         key: Uuid,
         from_ms: i64,
         to_ms: i64,
-        window_ms: i64,
+        limit: usize,
     ) -> Result<Vec<WindowRow>, SinkError> {
-        let starts = window_starts(from_ms, to_ms, window_ms)?;
-        let mut rows: Vec<WindowRow> = futures::stream::iter(starts)
-            .map(|start| self.read_window(key, start))
-            .buffer_unordered(self.max_concurrency)
-            .try_concat()
-            .await?;
-        rows.sort_by_key(|row| (row.window_start_ms, row.partition));
+        let mut rows = Vec::new();
+        for (bucket, from, to) in bucket_ranges(from_ms, to_ms, self.bucket_ms)? {
+            if limit == 0
+                || !self
+                    .read_bucket(key, bucket, from, to, limit, &mut rows)
+                    .await?
+            {
+                break;
+            }
+        }
         Ok(rows)
     }
 
-    async fn scan_rows(&self, from_ms: i64, to_ms: i64) -> Result<Vec<WindowRow>, SinkError> {
-        let mut stream = self
-            .session
-            .execute_iter(self.scan_all.clone(), ())
-            .await
-            .map_err(pager_error)?
-            .rows_stream::<RawRow>()
-            .map_err(|err| SinkError::Schema(format!("window_sums columns: {err}")))?;
-        let mut rows = Vec::new();
-        while let Some(raw) = stream.next().await {
-            let raw = raw.map_err(next_row_error)?;
-            let start = raw.1 .0;
-            if start >= from_ms && start < to_ms {
-                rows.push(row_from_raw(raw)?);
-            }
-        }
-        rows.sort_by_key(|row| (row.window_start_ms, row.partition, row.key));
+    async fn scan_rows(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        keys: &[Uuid],
+    ) -> Result<Vec<WindowRow>, SinkError> {
+        // Checked once up front, so a bad range fails before any query.
+        bucket_ranges(from_ms, to_ms, self.bucket_ms)?;
+        let mut rows: Vec<WindowRow> = futures::stream::iter(keys.iter().copied())
+            .map(|key| self.read_rows(key, from_ms, to_ms, usize::MAX))
+            .buffer_unordered(self.max_concurrency)
+            .try_concat()
+            .await?;
+        rows.sort_by_key(|row| (row.window_start_ms, row.key, row.partition));
         Ok(rows)
     }
 
@@ -547,14 +686,33 @@ impl WindowStore for ScyllaStore {
     }
 }
 
+/// Prepares `cql` with the configured consistency.
+async fn prepare_on(
+    session: &Session,
+    consistency: Consistency,
+    cql: String,
+) -> Result<PreparedStatement, SinkError> {
+    let mut statement = session
+        .prepare(cql.as_str())
+        .await
+        .map_err(|err| prepare_error(&cql, err))?;
+    statement.set_consistency(consistency);
+    // Every statement here is safe to repeat: upserts carry a fixed timestamp, reads
+    // and deletes are naturally idempotent.
+    statement.set_is_idempotent(true);
+    Ok(statement)
+}
+
 /// The DDL run at connect, all idempotent (`IF NOT EXISTS`).
 fn schema_statements(keyspace: &str, replication: &str) -> [String; 4] {
     [
         format!("CREATE KEYSPACE IF NOT EXISTS {keyspace} WITH replication = {replication}"),
         format!(
-            "CREATE TABLE IF NOT EXISTS {keyspace}.window_sums (key uuid, window_start timestamp, \
-             partition int, window_end timestamp, sum bigint, count bigint, final boolean, \
-             through_offset bigint, generation int, PRIMARY KEY ((key, window_start), partition))"
+            "CREATE TABLE IF NOT EXISTS {keyspace}.window_sums (key uuid, bucket timestamp, \
+             window_start timestamp, partition int, window_end timestamp, sum bigint, count bigint, \
+             final boolean, through_offset bigint, generation int, \
+             PRIMARY KEY ((key, bucket), window_start, partition)) \
+             WITH CLUSTERING ORDER BY (window_start ASC, partition ASC)"
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {keyspace}.tally_checkpoints (consumer_group text, topic text, \
@@ -570,51 +728,130 @@ fn schema_statements(keyspace: &str, replication: &str) -> [String; 4] {
     ]
 }
 
+/// Refuses a `window_sums` whose primary key is not this build's (`CREATE TABLE IF NOT
+/// EXISTS` leaves an existing table as it is), naming the earlier layout and what to do.
+async fn check_layout(session: &Session, keyspace: &str) -> Result<(), SinkError> {
+    let result = session
+        .query_unpaged(
+            "SELECT column_name, kind FROM system_schema.columns WHERE keyspace_name = ? AND table_name = ?",
+            (keyspace, "window_sums"),
+        )
+        .await
+        .map_err(|err| execution_error("reading the window_sums layout", err))?;
+    let columns = rows_of::<(String, Option<String>)>(result)?;
+    layout_problem(keyspace, &columns).map_or(Ok(()), |problem| Err(SinkError::Schema(problem)))
+}
+
+/// What is wrong with a `window_sums` of these (column, kind) pairs, if anything.
+pub fn layout_problem(keyspace: &str, columns: &[(String, Option<String>)]) -> Option<String> {
+    let of_kind = |kind: &str| -> std::collections::BTreeSet<&str> {
+        columns
+            .iter()
+            .filter(|(_, k)| k.as_deref() == Some(kind))
+            .map(|(name, _)| name.as_str())
+            .collect()
+    };
+    let partition_key = of_kind("partition_key");
+    let clustering = of_kind("clustering");
+    let wanted_partition: std::collections::BTreeSet<&str> = PARTITION_KEY.into_iter().collect();
+    let wanted_clustering: std::collections::BTreeSet<&str> = CLUSTERING_KEY.into_iter().collect();
+    if partition_key == wanted_partition && clustering == wanted_clustering {
+        return None;
+    }
+    let drop_hint = format!(
+        "there is no migration: drop it (`DROP TABLE {keyspace}.window_sums;` and \
+         `DELETE FROM {keyspace}.tally_metadata WHERE name = '{BUCKET_METADATA_NAME}';`) or use a \
+         new keyspace, then rebuild the rows from Kafka by starting the aggregators with a \
+         new consumer group (--group)"
+    );
+    let old_partition: std::collections::BTreeSet<&str> =
+        ["key", "window_start"].into_iter().collect();
+    if partition_key == old_partition {
+        return Some(format!(
+            "table {keyspace}.window_sums has the layout of an earlier Tally build, \
+             PRIMARY KEY ((key, window_start), partition), which needs one query per window \
+             to read a range; this build reads and writes PRIMARY KEY ((key, bucket), \
+             window_start, partition); {drop_hint}"
+        ));
+    }
+    Some(format!(
+        "table {keyspace}.window_sums has partition key {partition_key:?} and clustering \
+         columns {clustering:?}; this build expects PRIMARY KEY ((key, bucket), window_start, \
+         partition); {drop_hint}"
+    ))
+}
+
 /// One page holds the kept checkpoints plus the one to prune.
 fn page_size_for_prune() -> i32 {
     i32::try_from(CHECKPOINTS_KEPT + 1).unwrap_or(i32::MAX)
 }
 
-/// The window starts (multiples of `window_ms`) in `[from_ms, to_ms)`.
-pub fn window_starts(
+/// The buckets a read of `[from_ms, to_ms)` touches, oldest first, each with the part
+/// of the range inside it: `(bucket start, from, to)`.
+pub fn bucket_ranges(
     from_ms: i64,
     to_ms: i64,
-    window_ms: i64,
-) -> Result<impl Iterator<Item = i64>, SinkError> {
-    if window_ms <= 0 {
+    bucket_ms: i64,
+) -> Result<Vec<(i64, i64, i64)>, SinkError> {
+    if bucket_ms <= 0 {
         return Err(SinkError::Config(format!(
-            "window size must be positive, got {window_ms} ms"
+            "bucket size must be positive, got {bucket_ms} ms"
         )));
+    }
+    if from_ms >= to_ms {
+        return Ok(Vec::new());
     }
     // i128: the arithmetic near i64's ends must not overflow.
-    let (from, to, window) = (
+    let (from, to, bucket) = (
         i128::from(from_ms),
         i128::from(to_ms),
-        i128::from(window_ms),
+        i128::from(bucket_ms),
     );
-    let first = from.div_euclid(window) * window;
-    let first = if first < from { first + window } else { first };
-    let count = if first >= to {
-        0
-    } else {
-        (to - first + window - 1) / window
-    };
-    if count > i128::from(MAX_READ_WINDOWS) {
+    let first = from.div_euclid(bucket) * bucket;
+    let last = (to - 1).div_euclid(bucket) * bucket;
+    let count = (last - first) / bucket + 1;
+    if count > i128::from(MAX_READ_BUCKETS) {
         return Err(SinkError::Config(format!(
-            "reading [{from_ms}, {to_ms}) in {window_ms} ms windows would query {count} partitions \
-             (at most {MAX_READ_WINDOWS}); narrow the range"
+            "reading [{from_ms}, {to_ms}) would query {count} buckets of {bucket_ms} ms \
+             (at most {MAX_READ_BUCKETS}); narrow the range"
         )));
     }
-    // `count` ≤ MAX_READ_WINDOWS and every start lies in [from, to), so all fit in i64.
-    let starts: Vec<i64> = (0..count)
-        .filter_map(|i| i64::try_from(first + i * window).ok())
-        .collect();
-    Ok(starts.into_iter())
+    let clamp =
+        |value: i128| i64::try_from(value).unwrap_or(if value < 0 { i64::MIN } else { i64::MAX });
+    Ok((0..count)
+        .map(|i| {
+            let start = first + i * bucket;
+            (
+                clamp(start),
+                clamp(start.max(from)),
+                clamp((start + bucket).min(to)),
+            )
+        })
+        .collect())
 }
 
-fn row_values(row: &WindowRow) -> RowValues {
+/// Seconds a row of a window ending at `window_end_ms` has left under a retention of
+/// `retention_ms` at `now_ms` (rounded up, at most [`MAX_TTL_SECONDS`]); `None` when it
+/// is already past it.
+pub fn row_ttl_seconds(window_end_ms: i64, retention_ms: i64, now_ms: i64) -> Option<i32> {
+    if crate::row::is_expired(window_end_ms, retention_ms, now_ms) {
+        return None;
+    }
+    let left_ms = i128::from(window_end_ms) + i128::from(retention_ms) - i128::from(now_ms);
+    let seconds = (left_ms + 999) / 1000;
+    Some(i32::try_from(seconds.min(i128::from(MAX_TTL_SECONDS))).unwrap_or(MAX_TTL_SECONDS))
+}
+
+/// A retention as a TTL in seconds (rounded up, at most [`MAX_TTL_SECONDS`]).
+fn ttl_of(retention_ms: i64) -> i32 {
+    let seconds = (i128::from(retention_ms) + 999) / 1000;
+    i32::try_from(seconds.clamp(1, i128::from(MAX_TTL_SECONDS))).unwrap_or(MAX_TTL_SECONDS)
+}
+
+fn row_values(row: &WindowRow, bucket: i64) -> RowValues {
     (
         row.key,
+        CqlTimestamp(bucket),
         CqlTimestamp(row.window_start_ms),
         row.partition,
         CqlTimestamp(row.window_end_ms),
@@ -624,6 +861,11 @@ fn row_values(row: &WindowRow) -> RowValues {
         row.through_offset,
         i32::from(row.generation),
     )
+}
+
+fn row_values_with_ttl(row: &WindowRow, bucket: i64, ttl: i32) -> RowValuesWithTtl {
+    let v = row_values(row, bucket);
+    (v.0, v.1, v.2, v.3, v.4, v.5, v.6, v.7, v.8, v.9, ttl)
 }
 
 fn checkpoint_values<'a>(
@@ -826,39 +1068,6 @@ fn execution_error(context: &str, err: ExecutionError) -> SinkError {
     }
 }
 
-fn pager_error(err: PagerExecutionError) -> SinkError {
-    let context = "scanning window_sums";
-    match err {
-        PagerExecutionError::PrepareError(prepare) => prepare_error(context, prepare),
-        PagerExecutionError::SerializationError(ser) => {
-            SinkError::Schema(format!("{context}: {ser}"))
-        }
-        PagerExecutionError::NextPageError(page) => next_page_error(context, page),
-        other => SinkError::Unavailable(format!("{context}: {other}")),
-    }
-}
-
-fn next_row_error(err: NextRowError) -> SinkError {
-    let context = "scanning window_sums";
-    match err {
-        NextRowError::NextPageError(page) => next_page_error(context, page),
-        NextRowError::RowDeserializationError(row) => {
-            SinkError::BadRow(format!("{context}: {row}"))
-        }
-        other => SinkError::Unavailable(format!("{context}: {other}")),
-    }
-}
-
-fn next_page_error(context: &str, err: NextPageError) -> SinkError {
-    match err {
-        NextPageError::RequestFailure(RequestError::LastAttemptError(attempt)) => {
-            attempt_error(context, attempt)
-        }
-        NextPageError::TypeCheckError(check) => SinkError::Schema(format!("{context}: {check}")),
-        other => SinkError::Unavailable(format!("{context}: {other}")),
-    }
-}
-
 fn attempt_error(context: &str, err: RequestAttemptError) -> SinkError {
     match err {
         RequestAttemptError::DbError(db, message) => db_error(context, db, &message),
@@ -891,35 +1100,94 @@ fn db_error(context: &str, err: DbError, message: &str) -> SinkError {
 mod tests {
     use super::*;
 
+    const DAY: i64 = 86_400_000;
+
     #[test]
-    fn window_starts_are_the_aligned_starts_inside_the_range() {
-        let starts: Vec<i64> = window_starts(15_000, 50_000, 10_000).unwrap().collect();
-        assert_eq!(starts, vec![20_000, 30_000, 40_000]);
-        let starts: Vec<i64> = window_starts(20_000, 50_001, 10_000).unwrap().collect();
-        assert_eq!(starts, vec![20_000, 30_000, 40_000, 50_000]);
-        let starts: Vec<i64> = window_starts(-25_000, -5_000, 10_000).unwrap().collect();
-        assert_eq!(starts, vec![-20_000, -10_000]);
-        assert_eq!(window_starts(50_000, 50_000, 10_000).unwrap().count(), 0);
-        assert_eq!(window_starts(50_000, 10_000, 10_000).unwrap().count(), 0);
+    fn bucket_ranges_split_the_range_at_bucket_boundaries() {
+        assert_eq!(
+            bucket_ranges(DAY + 5, DAY + 10, DAY).unwrap(),
+            vec![(DAY, DAY + 5, DAY + 10)]
+        );
+        assert_eq!(
+            bucket_ranges(DAY - 5, 2 * DAY, DAY).unwrap(),
+            vec![(0, DAY - 5, DAY), (DAY, DAY, 2 * DAY)]
+        );
+        assert_eq!(
+            bucket_ranges(-5, 5, DAY).unwrap(),
+            vec![(-DAY, -5, 0), (0, 0, 5)]
+        );
+        assert!(bucket_ranges(5, 5, DAY).unwrap().is_empty());
+        assert!(bucket_ranges(6, 5, DAY).unwrap().is_empty());
+        // A month of day buckets is 31 queries (or 32 when not aligned).
+        assert_eq!(bucket_ranges(0, 31 * DAY, DAY).unwrap().len(), 31);
+        assert_eq!(bucket_ranges(1, 31 * DAY + 1, DAY).unwrap().len(), 32);
     }
 
     #[test]
-    fn window_starts_refuses_huge_ranges_and_bad_sizes() {
+    fn bucket_ranges_refuse_huge_ranges_and_bad_sizes() {
         assert!(matches!(
-            window_starts(0, 10_000 * (MAX_READ_WINDOWS + 1), 10_000),
+            bucket_ranges(i64::MIN, i64::MAX, DAY),
             Err(SinkError::Config(_))
         ));
         assert_eq!(
-            window_starts(0, 10_000 * MAX_READ_WINDOWS, 10_000)
-                .unwrap()
-                .count() as i64,
-            MAX_READ_WINDOWS
+            bucket_ranges(0, MAX_READ_BUCKETS * DAY, DAY).unwrap().len() as i64,
+            MAX_READ_BUCKETS
         );
-        assert!(matches!(
-            window_starts(i64::MIN, i64::MAX, 1),
-            Err(SinkError::Config(_))
-        ));
-        assert!(matches!(window_starts(0, 10, 0), Err(SinkError::Config(_))));
+        assert!(bucket_ranges(0, (MAX_READ_BUCKETS + 1) * DAY, DAY).is_err());
+        assert!(matches!(bucket_ranges(0, 10, 0), Err(SinkError::Config(_))));
+        // Near i64's ends nothing overflows.
+        let near_end = bucket_ranges(i64::MAX - 10, i64::MAX, DAY).unwrap();
+        assert_eq!(near_end.len(), 1);
+        assert_eq!(near_end[0].2, i64::MAX);
+    }
+
+    #[test]
+    fn row_ttl_counts_from_the_window_end_and_skips_expired_rows() {
+        let retention = 7 * DAY;
+        let end = 1_790_000_000_000;
+        assert_eq!(row_ttl_seconds(end, retention, end), Some(7 * 86_400));
+        // Rounded up: a row with 1 ms left still gets a second.
+        assert_eq!(
+            row_ttl_seconds(end, retention, end + retention - 1),
+            Some(1)
+        );
+        assert_eq!(row_ttl_seconds(end, retention, end + retention), None);
+        assert_eq!(row_ttl_seconds(end, retention, end + retention + 1), None);
+        // A replay (a later wall clock) only shortens it.
+        assert_eq!(row_ttl_seconds(end, retention, end + DAY), Some(6 * 86_400));
+        assert_eq!(row_ttl_seconds(end, i64::MAX, end), Some(MAX_TTL_SECONDS));
+        assert_eq!(ttl_of(1), 1);
+        assert_eq!(ttl_of(DAY), 86_400);
+        assert_eq!(ttl_of(i64::MAX), MAX_TTL_SECONDS);
+    }
+
+    #[test]
+    fn the_earlier_layout_is_named_and_refused() {
+        let kinds = |pairs: &[(&str, &str)]| -> Vec<(String, Option<String>)> {
+            pairs
+                .iter()
+                .map(|(n, k)| ((*n).to_owned(), Some((*k).to_owned())))
+                .collect()
+        };
+        let current = kinds(&[
+            ("key", "partition_key"),
+            ("bucket", "partition_key"),
+            ("window_start", "clustering"),
+            ("partition", "clustering"),
+            ("sum", "regular"),
+        ]);
+        assert_eq!(layout_problem("ks", &current), None);
+        let old = kinds(&[
+            ("key", "partition_key"),
+            ("window_start", "partition_key"),
+            ("partition", "clustering"),
+            ("sum", "regular"),
+        ]);
+        let problem = layout_problem("ks", &old).unwrap();
+        assert!(problem.contains("earlier Tally build"), "{problem}");
+        assert!(problem.contains("DROP TABLE ks.window_sums"), "{problem}");
+        let other = kinds(&[("key", "partition_key"), ("bucket", "clustering")]);
+        assert!(layout_problem("ks", &other).unwrap().contains("expects"));
     }
 
     #[test]

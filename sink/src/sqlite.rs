@@ -1,11 +1,34 @@
 //! The embedded backend: one SQLite file, WAL, version-guarded upserts.
 //!
-//! rusqlite is synchronous, so every operation runs on tokio's blocking pool and
-//! takes the one connection behind a mutex. A single writer is all SQLite allows
-//! anyway; WAL lets other processes (`tally verify`, a second aggregator in the dev
-//! playground) read meanwhile.
+//! rusqlite is synchronous, so every operation runs on tokio's blocking pool. Writes
+//! take the one writer connection behind a mutex (a single writer is all SQLite
+//! allows anyway); reads use a small pool of their own connections, so a long flush
+//! never holds up the read API, and WAL lets other processes (`tally verify`, a
+//! second aggregator in the dev playground) read meanwhile.
+//!
+//! Layout (see [`CREATE_SCHEMA`]): `window_sums` is a `WITHOUT ROWID` table keyed
+//! `(window_start, key, partition)` with the key as its 16 UUID bytes, plus the index
+//! `window_sums_by_key (window_start / 3600000, key, window_start, partition)`: per
+//! hour, each key's windows in order, so a key's range read is one index range per
+//! hour touched (the same shape as ScyllaDB's one query per bucket). Both keep the
+//! write cost flat however large the table grows, because what a flush writes is the
+//! current windows: their rows sit at the right edge of the table's B-tree, and their
+//! index entries in the current hour's part of the index, so a flush touches the same
+//! pages whether the file holds a thousand rows from earlier hours or ten million. (A
+//! key-first table, or a key-first index without the hour, puts each key's new row on
+//! its own page of that key's history: one page per active key per flush, more and
+//! more of them out of cache as the file grows; measured in BENCHMARKS.md.) The index
+//! gets one entry per new row and none on the provisional updates that follow. The
+//! view `window_sums_readable` shows the rows with text keys and times for the
+//! `sqlite3` shell.
+//!
+//! Retention (`--retention` on the aggregator): after a flush commits, the writer
+//! deletes, in its own bounded transaction that the flush never waits for, final
+//! rows whose window ended more than the retention ago, and checkpoints saved more
+//! than the retention ago.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,18 +39,30 @@ use uuid::Uuid;
 
 use crate::error::SinkError;
 use crate::row::WindowRow;
-use crate::store::{checkpoints_to_prune, CheckpointScope, WindowStore};
+use crate::store::{
+    checkpoints_to_prune, now_ms, record_retention, CheckpointScope, Retention, StoreOptions,
+    WindowStore,
+};
 
 /// How long a statement waits for another process's write lock before failing
 /// with a retryable error.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Read connections per store.
+const READERS: usize = 4;
+
+/// Rows one pruning transaction deletes at most (a few ms of work).
+pub const PRUNE_BATCH: i64 = 10_000;
+
+/// How often the writer looks for expired rows when the last look found few.
+const PRUNE_INTERVAL_MS: i64 = 5_000;
+
 /// `window_sums` exactly as this build expects it: (name, declared type, position in
 /// the primary key, 0 = not in it). Checked at open so a file written by another
 /// build fails loudly instead of being misread.
 const WINDOW_SUMS_COLUMNS: [(&str, &str, i64); 10] = [
-    ("key", "TEXT", 1),
-    ("window_start", "INTEGER", 2),
+    ("window_start", "INTEGER", 1),
+    ("key", "BLOB", 2),
     ("partition", "INTEGER", 3),
     ("window_end", "INTEGER", 0),
     ("sum", "INTEGER", 0),
@@ -38,7 +73,7 @@ const WINDOW_SUMS_COLUMNS: [(&str, &str, i64); 10] = [
     ("generation", "INTEGER", 0),
 ];
 
-const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 10] = [
+const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 11] = [
     ("consumer_group", "TEXT", 1),
     ("topic", "TEXT", 2),
     ("partition", "INTEGER", 3),
@@ -48,16 +83,19 @@ const CHECKPOINTS_COLUMNS: [(&str, &str, i64); 10] = [
     ("generation", "INTEGER", 5),
     ("window_ms", "INTEGER", 0),
     ("grace_ms", "INTEGER", 0),
+    ("saved_at", "INTEGER", 0),
     ("external_reset", "INTEGER", 0),
 ];
 
 const METADATA_COLUMNS: [(&str, &str, i64); 2] = [("name", "TEXT", 1), ("value", "TEXT", 0)];
 
-// `key` and `partition` are SQLite keywords (usable as names, but quoted to be safe).
-const CREATE_SCHEMA: &str = r#"
+/// The schema, created if missing. `key` and `partition` are SQLite keywords (usable
+/// as names, but quoted to be safe). Times are ms since the epoch; `key` is the
+/// UUID's 16 bytes (byte order is the text order, so rows sort as their keys do).
+pub const CREATE_SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS window_sums (
-    "key"          TEXT    NOT NULL,
     window_start   INTEGER NOT NULL,
+    "key"          BLOB    NOT NULL,
     "partition"    INTEGER NOT NULL,
     window_end     INTEGER NOT NULL,
     sum            INTEGER NOT NULL,
@@ -66,9 +104,18 @@ CREATE TABLE IF NOT EXISTS window_sums (
     through_offset INTEGER NOT NULL,
     version        INTEGER NOT NULL,
     generation     INTEGER NOT NULL,
-    PRIMARY KEY ("key", window_start, "partition")
-);
-CREATE INDEX IF NOT EXISTS window_sums_by_start ON window_sums (window_start);
+    PRIMARY KEY (window_start, "key", "partition")
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS window_sums_by_key
+    ON window_sums (window_start / 3600000, "key", window_start, "partition");
+CREATE VIEW IF NOT EXISTS window_sums_readable AS
+SELECT lower(substr(hex("key"), 1, 8) || '-' || substr(hex("key"), 9, 4) || '-' ||
+             substr(hex("key"), 13, 4) || '-' || substr(hex("key"), 17, 4) || '-' ||
+             substr(hex("key"), 21, 12)) AS "key",
+       strftime('%Y-%m-%dT%H:%M:%fZ', window_start / 1000.0, 'unixepoch') AS window_start,
+       strftime('%Y-%m-%dT%H:%M:%fZ', window_end / 1000.0, 'unixepoch') AS window_end,
+       "partition", sum, count, final, through_offset, generation
+FROM window_sums;
 CREATE TABLE IF NOT EXISTS checkpoints (
     consumer_group TEXT    NOT NULL,
     topic          TEXT    NOT NULL,
@@ -79,6 +126,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     generation     INTEGER NOT NULL,
     window_ms      INTEGER,
     grace_ms       INTEGER,
+    saved_at       INTEGER NOT NULL,
     external_reset INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (consumer_group, topic, "partition", next_offset, generation)
 );
@@ -92,9 +140,9 @@ CREATE TABLE IF NOT EXISTS tally_metadata (
 /// replays, duplicates and late (zombie) writes can never regress it.
 const UPSERT_ROW: &str = r#"
 INSERT INTO window_sums
-    ("key", window_start, "partition", window_end, sum, count, final, through_offset, version, generation)
+    (window_start, "key", "partition", window_end, sum, count, final, through_offset, version, generation)
 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-ON CONFLICT ("key", window_start, "partition") DO UPDATE SET
+ON CONFLICT (window_start, "key", "partition") DO UPDATE SET
     window_end = excluded.window_end,
     sum = excluded.sum,
     count = excluded.count,
@@ -107,27 +155,55 @@ WHERE excluded.version > window_sums.version
 
 const ROW_COLUMNS: &str = r#""key", window_start, "partition", window_end, sum, count, final, through_offset, generation"#;
 
+/// The width of the per-key index's buckets: an hour (in the index expression).
+pub const INDEX_BUCKET_MS: i64 = 3_600_000;
+
+/// One key's rows of a range within one hour bucket, through `window_sums_by_key`.
+pub const READ_RANGE: &str = r#"SELECT "key", window_start, "partition", window_end, sum, count, final, through_offset, generation
+    FROM window_sums
+    WHERE window_start / 3600000 = ?1 AND "key" = ?2 AND window_start >= ?3 AND window_start < ?4
+    ORDER BY window_start, "partition" LIMIT ?5"#;
+
+/// Expired final rows, oldest first, a bounded batch at a time (a range of the
+/// primary key from its left edge).
+const PRUNE_ROWS: &str = r#"DELETE FROM window_sums WHERE (window_start, "key", "partition") IN (
+    SELECT window_start, "key", "partition" FROM window_sums
+    WHERE window_start < ?1 AND window_end <= ?1 AND final = 1
+    ORDER BY window_start LIMIT ?2)"#;
+
+/// When the writer last pruned, and whether a prune is running.
+#[derive(Debug, Default)]
+struct PruneState {
+    running: AtomicBool,
+    last_ms: AtomicI64,
+    /// The last batch was full: more expired rows are waiting.
+    backlog: AtomicBool,
+}
+
 /// The embedded window store: a SQLite file addressed as `sqlite://PATH`.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    connection: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Connection>>,
+    readers: Arc<[Mutex<Connection>]>,
+    next_reader: Arc<AtomicUsize>,
     path: PathBuf,
+    /// The retention this process enforces (ms), if it is a writer with one.
+    retention_ms: Option<i64>,
+    pruning: Arc<PruneState>,
 }
 
 impl SqliteStore {
     /// Opens the database at `path`, creating parent directories, the file and the
     /// tables if missing. Fails with [`SinkError::Schema`] if the tables exist with
-    /// other columns than this build writes.
+    /// other columns than this build writes (naming an earlier build's layout).
+    /// Opened this way the store enforces no retention (a reader).
     pub fn open(path: &Path) -> Result<Self, SinkError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|err| {
                 SinkError::Unavailable(format!("cannot create {}: {err}", parent.display()))
             })?;
         }
-        let connection = Connection::open(path).map_err(sqlite_error)?;
-        connection
-            .busy_timeout(BUSY_TIMEOUT)
-            .map_err(sqlite_error)?;
+        let connection = open_connection(path)?;
         let journal_mode: String = connection
             .query_row("PRAGMA journal_mode = WAL", [], |row| row.get(0))
             .map_err(sqlite_error)?;
@@ -144,42 +220,192 @@ impl SqliteStore {
         connection
             .pragma_update(None, "synchronous", "FULL")
             .map_err(sqlite_error)?;
+        // Checked before creating anything, so a file of an earlier layout is named as
+        // such instead of failing on a missing column.
+        check_earlier_layout(&connection, path)?;
         connection
             .execute_batch(CREATE_SCHEMA)
             .map_err(sqlite_error)?;
         check_columns(&connection, "window_sums", &WINDOW_SUMS_COLUMNS)?;
+        check_without_rowid(&connection, "window_sums")?;
         check_columns(&connection, "checkpoints", &CHECKPOINTS_COLUMNS)?;
         check_columns(&connection, "tally_metadata", &METADATA_COLUMNS)?;
+        let readers = (0..READERS)
+            .map(|_| {
+                let reader = open_connection(path)?;
+                reader
+                    .pragma_update(None, "query_only", true)
+                    .map_err(sqlite_error)?;
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<Vec<_>, SinkError>>()?;
         Ok(SqliteStore {
-            connection: Arc::new(Mutex::new(connection)),
+            writer: Arc::new(Mutex::new(connection)),
+            readers: readers.into(),
+            next_reader: Arc::new(AtomicUsize::new(0)),
             path: path.to_path_buf(),
+            retention_ms: None,
+            pruning: Arc::new(PruneState::default()),
         })
     }
 
-    /// Runs `work` with the connection on the blocking pool.
-    async fn with_connection<T, F>(&self, work: F) -> Result<T, SinkError>
+    /// [`open`](Self::open), then, for a writer with a retention, records it in the
+    /// store and prunes by it after each flush.
+    pub async fn open_with(path: &Path, options: &StoreOptions) -> Result<Self, SinkError> {
+        let path = path.to_path_buf();
+        let mut store = tokio::task::spawn_blocking(move || SqliteStore::open(&path))
+            .await
+            .map_err(|_| SinkError::Unavailable("SQLite open task cancelled".into()))??;
+        if let Retention::Enforce(retention_ms) = options.retention {
+            record_retention(&store, retention_ms).await?;
+            store.retention_ms = retention_ms;
+        }
+        Ok(store)
+    }
+
+    /// The retention this store prunes by, if any.
+    pub fn retention_ms(&self) -> Option<i64> {
+        self.retention_ms
+    }
+
+    /// Deletes one bounded batch of expired rows and the expired checkpoints now, and
+    /// returns how many rows went. Nothing without a retention. (The writer does this
+    /// on its own after flushes; this is for tests and tools.)
+    pub async fn prune_expired(&self) -> Result<usize, SinkError> {
+        let Some(retention_ms) = self.retention_ms else {
+            return Ok(0);
+        };
+        self.with_writer(move |connection| prune_batch(connection, now_ms(), retention_ms))
+            .await
+    }
+
+    /// Starts a prune in the background after a flush when one is due, at most one at
+    /// a time. The flush that triggered it has already committed: it never waits.
+    fn prune_if_due(&self) {
+        let Some(retention_ms) = self.retention_ms else {
+            return;
+        };
+        let state = &self.pruning;
+        let now = now_ms();
+        let due = state.backlog.load(Ordering::Relaxed)
+            || now.saturating_sub(state.last_ms.load(Ordering::Relaxed)) >= PRUNE_INTERVAL_MS;
+        if !due || state.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        state.last_ms.store(now, Ordering::Relaxed);
+        let writer = Arc::clone(&self.writer);
+        let state = Arc::clone(&self.pruning);
+        // Detached on purpose: dropping the handle does not cancel it.
+        let pruning = tokio::task::spawn_blocking(move || {
+            let result = {
+                let mut connection = writer.lock().unwrap_or_else(PoisonError::into_inner);
+                prune_batch(&mut connection, now_ms(), retention_ms)
+            };
+            match result {
+                Ok(deleted) => {
+                    state
+                        .backlog
+                        .store(deleted >= PRUNE_BATCH as usize, Ordering::Relaxed);
+                    if deleted > 0 {
+                        tracing::debug!(deleted, "pruned rows past retention");
+                    }
+                }
+                Err(err) => tracing::warn!(%err, "pruning rows past retention failed; will retry"),
+            }
+            state.running.store(false, Ordering::Release);
+        });
+        drop(pruning);
+    }
+
+    /// Runs `work` with the writer connection on the blocking pool.
+    async fn with_writer<T, F>(&self, work: F) -> Result<T, SinkError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, SinkError> + Send + 'static,
     {
-        let connection = Arc::clone(&self.connection);
-        let task = tokio::task::spawn_blocking(move || {
-            // A panic while holding the lock leaves no half-done transaction behind
-            // (dropping a rusqlite transaction rolls it back), so the connection is
-            // still sound: recover it instead of failing forever.
-            let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
-            work(&mut connection)
-        });
-        match task.await {
-            Ok(result) => result,
-            Err(join_error) if join_error.is_panic() => {
-                std::panic::resume_unwind(join_error.into_panic())
-            }
-            Err(_) => Err(SinkError::Unavailable(
-                "SQLite task cancelled (runtime shutting down)".into(),
-            )),
-        }
+        run_blocking(Arc::clone(&self.writer), work).await
     }
+
+    /// Runs `work` with one of the read connections on the blocking pool.
+    async fn with_reader<T, F>(&self, work: F) -> Result<T, SinkError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, SinkError> + Send + 'static,
+    {
+        let readers = Arc::clone(&self.readers);
+        let index = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len().max(1);
+        spawn_blocking_result(move || {
+            let mut connection = readers[index]
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            work(&mut connection)
+        })
+        .await
+    }
+}
+
+fn open_connection(path: &Path) -> Result<Connection, SinkError> {
+    let connection = Connection::open(path).map_err(sqlite_error)?;
+    connection
+        .busy_timeout(BUSY_TIMEOUT)
+        .map_err(sqlite_error)?;
+    Ok(connection)
+}
+
+async fn run_blocking<T, F>(connection: Arc<Mutex<Connection>>, work: F) -> Result<T, SinkError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T, SinkError> + Send + 'static,
+{
+    spawn_blocking_result(move || {
+        // A panic while holding the lock leaves no half-done transaction behind
+        // (dropping a rusqlite transaction rolls it back), so the connection is
+        // still sound: recover it instead of failing forever.
+        let mut connection = connection.lock().unwrap_or_else(PoisonError::into_inner);
+        work(&mut connection)
+    })
+    .await
+}
+
+async fn spawn_blocking_result<T, F>(work: F) -> Result<T, SinkError>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, SinkError> + Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(join_error) if join_error.is_panic() => {
+            std::panic::resume_unwind(join_error.into_panic())
+        }
+        Err(_) => Err(SinkError::Unavailable(
+            "SQLite task cancelled (runtime shutting down)".into(),
+        )),
+    }
+}
+
+/// One pruning transaction: at most [`PRUNE_BATCH`] expired final rows, then the
+/// checkpoints saved more than the retention ago. Returns the rows deleted.
+fn prune_batch(
+    connection: &mut Connection,
+    now_ms: i64,
+    retention_ms: i64,
+) -> Result<usize, SinkError> {
+    let horizon = now_ms.saturating_sub(retention_ms);
+    let transaction = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(sqlite_error)?;
+    let deleted = transaction
+        .prepare_cached(PRUNE_ROWS)
+        .map_err(sqlite_error)?
+        .execute(params![horizon, PRUNE_BATCH])
+        .map_err(sqlite_error)?;
+    transaction
+        .prepare_cached("DELETE FROM checkpoints WHERE saved_at <= ?1")
+        .map_err(sqlite_error)?
+        .execute(params![horizon])
+        .map_err(sqlite_error)?;
+    transaction.commit().map_err(sqlite_error)?;
+    Ok(deleted)
 }
 
 #[async_trait]
@@ -191,8 +417,8 @@ impl WindowStore for SqliteStore {
         let mut rows = rows.to_vec();
         // In primary-key order the upserts walk the B-tree sequentially instead of
         // jumping around it (measured: 4.7 → 2.7 µs per row on a large table).
-        rows.sort_unstable_by_key(|row| (row.key, row.window_start_ms, row.partition));
-        self.with_connection(move |connection| {
+        rows.sort_unstable_by_key(|row| (row.window_start_ms, row.key, row.partition));
+        self.with_writer(move |connection| {
             // IMMEDIATE takes the write lock up front, so a concurrent writer in another
             // process makes us wait (busy_timeout) rather than fail mid-transaction.
             let transaction = connection
@@ -205,8 +431,8 @@ impl WindowStore for SqliteStore {
                 for row in &rows {
                     upsert
                         .execute(params![
-                            row.key.hyphenated().to_string(),
                             row.window_start_ms,
+                            row.key.as_bytes(),
                             row.partition,
                             row.window_end_ms,
                             row.sum,
@@ -221,7 +447,9 @@ impl WindowStore for SqliteStore {
             }
             transaction.commit().map_err(sqlite_error)
         })
-        .await
+        .await?;
+        self.prune_if_due();
+        Ok(())
     }
 
     async fn read_rows(
@@ -229,32 +457,47 @@ impl WindowStore for SqliteStore {
         key: Uuid,
         from_ms: i64,
         to_ms: i64,
-        _window_ms: i64,
+        limit: usize,
     ) -> Result<Vec<WindowRow>, SinkError> {
-        self.with_connection(move |connection| {
-            let sql = format!(
-                r#"SELECT {ROW_COLUMNS} FROM window_sums
-                   WHERE "key" = ?1 AND window_start >= ?2 AND window_start < ?3
-                   ORDER BY window_start, "partition""#
-            );
-            let mut select = connection.prepare_cached(&sql).map_err(sqlite_error)?;
-            let rows = select
-                .query_map(
-                    params![key.hyphenated().to_string(), from_ms, to_ms],
-                    raw_row,
-                )
+        if limit == 0 || from_ms >= to_ms {
+            return Ok(Vec::new());
+        }
+        self.with_reader(move |connection| {
+            let mut select = connection
+                .prepare_cached(READ_RANGE)
                 .map_err(sqlite_error)?;
-            collect_rows(rows)
+            let mut rows = Vec::new();
+            // SQLite's integer division truncates toward zero, as Rust's does, so these
+            // are the index expression's values; they only grow with the time.
+            for bucket in from_ms / INDEX_BUCKET_MS..=(to_ms - 1) / INDEX_BUCKET_MS {
+                let left = i64::try_from(limit - rows.len()).unwrap_or(i64::MAX);
+                let found = select
+                    .query_map(
+                        params![bucket, key.as_bytes(), from_ms, to_ms, left],
+                        raw_row,
+                    )
+                    .map_err(sqlite_error)?;
+                rows.extend(collect_rows(found)?);
+                if rows.len() >= limit {
+                    break;
+                }
+            }
+            Ok(rows)
         })
         .await
     }
 
-    async fn scan_rows(&self, from_ms: i64, to_ms: i64) -> Result<Vec<WindowRow>, SinkError> {
-        self.with_connection(move |connection| {
+    async fn scan_rows(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        _keys: &[Uuid],
+    ) -> Result<Vec<WindowRow>, SinkError> {
+        self.with_reader(move |connection| {
             let sql = format!(
                 r#"SELECT {ROW_COLUMNS} FROM window_sums
                    WHERE window_start >= ?1 AND window_start < ?2
-                   ORDER BY window_start, "partition", "key""#
+                   ORDER BY window_start, "key", "partition""#
             );
             let mut select = connection.prepare_cached(&sql).map_err(sqlite_error)?;
             let rows = select
@@ -272,7 +515,7 @@ impl WindowStore for SqliteStore {
     ) -> Result<(), SinkError> {
         let scope = scope.clone();
         let checkpoint = *checkpoint;
-        self.with_connection(move |connection| {
+        self.with_writer(move |connection| {
             let transaction = connection
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(sqlite_error)?;
@@ -280,14 +523,15 @@ impl WindowStore for SqliteStore {
                 .prepare_cached(
                     r#"INSERT INTO checkpoints
                         (consumer_group, topic, "partition", next_offset, max_ts, closed_through,
-                         generation, window_ms, grace_ms, external_reset)
-                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+                         generation, window_ms, grace_ms, saved_at, external_reset)
+                       VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
                        ON CONFLICT (consumer_group, topic, "partition", next_offset, generation)
                        DO UPDATE SET
                         max_ts = excluded.max_ts,
                         closed_through = excluded.closed_through,
                         window_ms = excluded.window_ms,
                         grace_ms = excluded.grace_ms,
+                        saved_at = excluded.saved_at,
                         external_reset = excluded.external_reset"#,
                 )
                 .map_err(sqlite_error)?
@@ -301,6 +545,7 @@ impl WindowStore for SqliteStore {
                     checkpoint.generation,
                     checkpoint.settings.map(|s| s.window_ms),
                     checkpoint.settings.map(|s| s.grace_ms),
+                    now_ms(),
                     checkpoint.external_reset,
                 ])
                 .map_err(sqlite_error)?;
@@ -340,7 +585,7 @@ impl WindowStore for SqliteStore {
         next_offset: Option<i64>,
     ) -> Result<Option<Checkpoint>, SinkError> {
         let scope = scope.clone();
-        self.with_connection(move |connection| {
+        self.with_writer(move |connection| {
             let base = r#"SELECT next_offset, max_ts, closed_through, generation, window_ms, grace_ms,
                                  external_reset
                           FROM checkpoints
@@ -373,7 +618,7 @@ impl WindowStore for SqliteStore {
 
     async fn load_metadata(&self, name: &str) -> Result<Option<String>, SinkError> {
         let name = name.to_owned();
-        self.with_connection(move |connection| {
+        self.with_reader(move |connection| {
             connection
                 .prepare_cached("SELECT value FROM tally_metadata WHERE name = ?1")
                 .map_err(sqlite_error)?
@@ -395,7 +640,7 @@ impl WindowStore for SqliteStore {
             expected.map(str::to_owned),
             value.to_owned(),
         );
-        self.with_connection(move |connection| {
+        self.with_writer(move |connection| {
             // IMMEDIATE: the read and the write are one step for every other writer.
             let transaction = connection
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -424,7 +669,7 @@ impl WindowStore for SqliteStore {
     }
 
     async fn probe(&self) -> Result<(), SinkError> {
-        self.with_connection(|connection| {
+        self.with_writer(|connection| {
             connection
                 .query_row("SELECT count(*) FROM window_sums WHERE 0", [], |row| {
                     row.get::<_, i64>(0)
@@ -441,7 +686,7 @@ impl WindowStore for SqliteStore {
 }
 
 /// A `window_sums` row as SQLite stores it, before validation.
-type RawRow = (String, i64, i64, i64, i64, i64, bool, i64, i64);
+type RawRow = (Vec<u8>, i64, i64, i64, i64, i64, bool, i64, i64);
 
 fn raw_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     Ok((
@@ -467,9 +712,13 @@ fn collect_rows(
 fn row_from_raw(raw: RawRow) -> Result<WindowRow, SinkError> {
     let (key, window_start_ms, partition, window_end_ms, sum, count, is_final, through, generation) =
         raw;
-    let bad = |what: &str| SinkError::BadRow(format!("window_sums row for key {key}: {what}"));
+    let bad = |what: &str| {
+        SinkError::BadRow(format!(
+            "window_sums row at {window_start_ms} for key {key:02x?}: {what}"
+        ))
+    };
     Ok(WindowRow {
-        key: Uuid::parse_str(&key).map_err(|_| bad("key is not a UUID"))?,
+        key: Uuid::from_slice(&key).map_err(|_| bad("key is not 16 bytes"))?,
         window_start_ms,
         window_end_ms,
         partition: i32::try_from(partition).map_err(|_| bad("partition out of range"))?,
@@ -542,6 +791,48 @@ pub(crate) fn checkpoint_settings(
         _ => Err(SinkError::BadRow(format!(
             "checkpoint at offset {next_offset}: window_ms and grace_ms must both be set or both be null"
         ))),
+    }
+}
+
+/// Names a file written by an earlier build (text keys, a rowid table) as such, with
+/// what to do, before the schema check would report a column mismatch.
+fn check_earlier_layout(connection: &Connection, path: &Path) -> Result<(), SinkError> {
+    let key_type: Option<String> = connection
+        .query_row(
+            "SELECT type FROM pragma_table_info('window_sums') WHERE name = 'key'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(sqlite_error)?;
+    if key_type.is_some_and(|ty| ty.eq_ignore_ascii_case("TEXT")) {
+        return Err(SinkError::Schema(format!(
+            "{}: table window_sums has the layout of an earlier Tally build (text keys, \
+             PRIMARY KEY (key, window_start, partition) in a rowid table); this build keeps \
+             16-byte keys in a WITHOUT ROWID table keyed (window_start, key, partition). \
+             There is no migration: move the file aside (`tally dev` does so itself at every \
+             start) and rebuild the rows from Kafka by starting the aggregators on a new \
+             file with a new consumer group (--group)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+fn check_without_rowid(connection: &Connection, table: &str) -> Result<(), SinkError> {
+    let without_rowid: bool = connection
+        .query_row(
+            "SELECT wr FROM pragma_table_list WHERE name = ?1 AND schema = 'main'",
+            params![table],
+            |row| row.get(0),
+        )
+        .map_err(sqlite_error)?;
+    if without_rowid {
+        Ok(())
+    } else {
+        Err(SinkError::Schema(format!(
+            "table {table} is a rowid table; this build expects WITHOUT ROWID; use another file"
+        )))
     }
 }
 

@@ -1,5 +1,6 @@
 //! The window store trait and store addressing.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -7,7 +8,7 @@ use tally_schemas::{Checkpoint, PinnedSettings, SumSettings};
 use uuid::Uuid;
 
 use crate::error::SinkError;
-use crate::row::WindowRow;
+use crate::row::{WindowRow, WindowTotal};
 
 /// Identifies whose checkpoint a checkpoint row is: one consumer group's view of one
 /// partition of one topic.
@@ -29,19 +30,29 @@ pub trait WindowStore: Send + Sync + 'static {
     /// once every row is durable; on error, any subset may have been written.
     async fn write_rows(&self, rows: &[WindowRow]) -> Result<(), SinkError>;
 
-    /// The rows of `key` whose window starts in `[from_ms, to_ms)`, ordered by
-    /// (window_start, partition). `window_ms` is the window size, which lets stores
-    /// that cannot range-scan a partition key enumerate the window starts.
+    /// The first rows (at most `limit`, at least 1 is asked) of `key` whose window
+    /// starts in `[from_ms, to_ms)`, ordered by (window_start, partition). An answer of
+    /// `limit` rows may stop inside a window: continue from that window's start (see
+    /// [`visit_windows`], which does this). One range query per ScyllaDB bucket
+    /// touched, one index range on SQLite.
     async fn read_rows(
         &self,
         key: Uuid,
         from_ms: i64,
         to_ms: i64,
-        window_ms: i64,
+        limit: usize,
     ) -> Result<Vec<WindowRow>, SinkError>;
 
-    /// Every row whose window starts in `[from_ms, to_ms)` (for `tally verify`).
-    async fn scan_rows(&self, from_ms: i64, to_ms: i64) -> Result<Vec<WindowRow>, SinkError>;
+    /// The rows whose window starts in `[from_ms, to_ms)`, for `tally verify`: at least
+    /// those of `keys`. SQLite scans the time range (every key, so rows no key of the
+    /// log explains show up too); ScyllaDB, which cannot range-scan time without reading
+    /// the whole table, reads each key's buckets of the range.
+    async fn scan_rows(
+        &self,
+        from_ms: i64,
+        to_ms: i64,
+        keys: &[Uuid],
+    ) -> Result<Vec<WindowRow>, SinkError>;
 
     /// Records the checkpoint that a Kafka commit at `checkpoint.next_offset` stands
     /// for. Written before the Kafka commit, so brokers that drop commit metadata
@@ -123,6 +134,241 @@ pub async fn pin_settings(
     Err(SinkError::Unavailable(
         "the pinned settings kept changing while being read".into(),
     ))
+}
+
+/// The store metadata entry pinning the ScyllaDB partition bucket (kept apart from
+/// [`PinnedSettings::METADATA_NAME`]): `{"bucket_ms": 86400000}`.
+pub const BUCKET_METADATA_NAME: &str = "window_sums_bucket";
+
+/// The store metadata entry recording the retention the aggregators enforce:
+/// `{"retention_ms": 604800000}`, or `{"retention_ms": null}` when rows are kept forever.
+pub const RETENTION_METADATA_NAME: &str = "window_sums_retention";
+
+/// The default ScyllaDB bucket: one day.
+pub const DEFAULT_BUCKET_MS: i64 = 86_400_000;
+
+/// What a process does about retention.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retention {
+    /// A reader (`tally ingest`, `query`, `verify`, `replay`): the retention the
+    /// aggregators recorded in the store is what holds.
+    #[default]
+    AsRecorded,
+    /// A writer (`tally aggregator`): keep window rows this many ms after their window
+    /// ended (`None`: forever), and record it in the store for the readers.
+    Enforce(Option<i64>),
+}
+
+/// How to open a store, beyond its address.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Settings only the ScyllaDB backend uses.
+    pub scylla: ScyllaOptions,
+    /// ScyllaDB's partition bucket in ms (pinned in the store on first use; a process
+    /// started with another value is refused). SQLite has no buckets and ignores it.
+    pub bucket_ms: i64,
+    pub retention: Retention,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            scylla: ScyllaOptions::default(),
+            bucket_ms: DEFAULT_BUCKET_MS,
+            retention: Retention::AsRecorded,
+        }
+    }
+}
+
+impl From<ScyllaOptions> for StoreOptions {
+    fn from(scylla: ScyllaOptions) -> Self {
+        StoreOptions {
+            scylla,
+            ..StoreOptions::default()
+        }
+    }
+}
+
+/// Pins `bucket_ms` in a store used for the first time, or checks it against the pinned
+/// one: a mismatch is a [`SinkError::Config`] naming both.
+pub async fn pin_bucket(store: &dyn WindowStore, bucket_ms: i64) -> Result<i64, SinkError> {
+    if bucket_ms <= 0 {
+        return Err(SinkError::Config(format!(
+            "the ScyllaDB bucket must be positive, got {bucket_ms} ms"
+        )));
+    }
+    let wanted = format!("{{\"bucket_ms\":{bucket_ms}}}");
+    for _ in 0..3 {
+        match store.load_metadata(BUCKET_METADATA_NAME).await? {
+            Some(text) => {
+                let pinned =
+                    parse_ms_entry(BUCKET_METADATA_NAME, &text, "bucket_ms")?.ok_or_else(|| {
+                        SinkError::Schema(format!("{BUCKET_METADATA_NAME}: bucket_ms is null"))
+                    })?;
+                if pinned != bucket_ms {
+                    return Err(SinkError::Config(format!(
+                        "the store pins a ScyllaDB bucket of {pinned} ms ({}), but this process \
+                         was started with {bucket_ms} ms ({}); start it with \
+                         --scylla-bucket {} (rows are partitioned by it, so it cannot change \
+                         for an existing table)",
+                        humanize_ms(pinned),
+                        humanize_ms(bucket_ms),
+                        humanize_ms(pinned)
+                    )));
+                }
+                return Ok(pinned);
+            }
+            None => {
+                if store
+                    .compare_and_set_metadata(BUCKET_METADATA_NAME, None, &wanted)
+                    .await?
+                {
+                    return Ok(bucket_ms);
+                }
+            }
+        }
+    }
+    Err(SinkError::Unavailable(
+        "the pinned bucket kept changing while being read".into(),
+    ))
+}
+
+/// The retention recorded in `store` by its aggregators (ms; `None`: rows are kept).
+pub async fn load_retention(store: &dyn WindowStore) -> Result<Option<i64>, SinkError> {
+    match store.load_metadata(RETENTION_METADATA_NAME).await? {
+        Some(text) => parse_ms_entry(RETENTION_METADATA_NAME, &text, "retention_ms"),
+        None => Ok(None),
+    }
+}
+
+/// Records `retention_ms` as the store's retention (a writer's setting wins: the last
+/// aggregator started decides, and says so in its log when it changed the value).
+pub async fn record_retention(
+    store: &dyn WindowStore,
+    retention_ms: Option<i64>,
+) -> Result<(), SinkError> {
+    if retention_ms.is_some_and(|ms| ms <= 0) {
+        return Err(SinkError::Config(
+            "the retention must be positive (leave it unset to keep rows forever)".into(),
+        ));
+    }
+    let wanted = match retention_ms {
+        Some(ms) => format!("{{\"retention_ms\":{ms}}}"),
+        None => "{\"retention_ms\":null}".to_owned(),
+    };
+    for _ in 0..3 {
+        let current = store.load_metadata(RETENTION_METADATA_NAME).await?;
+        if current.as_deref() == Some(wanted.as_str()) {
+            return Ok(());
+        }
+        if store
+            .compare_and_set_metadata(RETENTION_METADATA_NAME, current.as_deref(), &wanted)
+            .await?
+        {
+            if let Some(previous) = current {
+                tracing::info!(previous = %previous, now = %wanted, "store retention changed");
+            }
+            return Ok(());
+        }
+    }
+    Err(SinkError::Unavailable(
+        "the recorded retention kept changing while being set".into(),
+    ))
+}
+
+/// The effective retention of a store opened with `retention`.
+pub(crate) async fn effective_retention(
+    store: &dyn WindowStore,
+    retention: Retention,
+) -> Result<Option<i64>, SinkError> {
+    match retention {
+        Retention::Enforce(ms) => {
+            record_retention(store, ms).await?;
+            Ok(ms)
+        }
+        Retention::AsRecorded => load_retention(store).await,
+    }
+}
+
+/// Reads `{"<field>": <ms or null>}`.
+fn parse_ms_entry(name: &str, text: &str, field: &str) -> Result<Option<i64>, SinkError> {
+    let value: serde_json::Value = serde_json::from_str(text)
+        .map_err(|err| SinkError::Schema(format!("{name}: {err}: {text}")))?;
+    match value.get(field) {
+        Some(serde_json::Value::Null) => Ok(None),
+        Some(number) => number
+            .as_i64()
+            .filter(|ms| *ms > 0)
+            .map(Some)
+            .ok_or_else(|| {
+                SinkError::Schema(format!("{name}: {field} is not a positive integer: {text}"))
+            }),
+        None => Err(SinkError::Schema(format!("{name}: no {field}: {text}"))),
+    }
+}
+
+/// `86400000` → `1day`, for messages.
+pub(crate) fn humanize_ms(ms: i64) -> String {
+    u64::try_from(ms)
+        .map(|ms| humantime::format_duration(std::time::Duration::from_millis(ms)).to_string())
+        .unwrap_or_else(|_| format!("{ms}ms"))
+}
+
+/// Wall-clock ms since the epoch (retention is decided against it).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Rows per store call when [`visit_windows`] streams a range.
+pub const READ_CHUNK_ROWS: usize = 4_096;
+
+/// Streams the windows of `key` starting in `[from_ms, to_ms)`, oldest first, each
+/// summed over the partition rows that `keep` accepts (readers drop rows of replaced
+/// settings and rows past retention), reading at most `chunk_rows` rows per store call.
+/// Stops early when `visit` breaks. Memory stays at one chunk whatever the range.
+pub async fn visit_windows(
+    store: &dyn WindowStore,
+    key: Uuid,
+    from_ms: i64,
+    to_ms: i64,
+    chunk_rows: usize,
+    keep: impl Fn(&WindowRow) -> bool,
+    mut visit: impl FnMut(WindowTotal) -> ControlFlow<()>,
+) -> Result<(), SinkError> {
+    let chunk_rows = chunk_rows.max(2);
+    let mut cursor = from_ms;
+    while cursor < to_ms {
+        let mut rows = store.read_rows(key, cursor, to_ms, chunk_rows).await?;
+        let next = if rows.len() >= chunk_rows {
+            // The chunk may end inside its last window: read that window again with
+            // the next chunk, whole.
+            let last_start = rows.last().map_or(cursor, |row| row.window_start_ms);
+            if rows.first().map(|row| row.window_start_ms) == Some(last_start) {
+                return Err(SinkError::BadRow(format!(
+                    "window {last_start} of key {key} has {} or more partition rows",
+                    rows.len()
+                )));
+            }
+            rows.retain(|row| row.window_start_ms < last_start);
+            Some(last_start)
+        } else {
+            None
+        };
+        rows.retain(|row| keep(row));
+        for window in WindowTotal::from_rows(&rows) {
+            if visit(window).is_break() {
+                return Ok(());
+            }
+        }
+        match next {
+            Some(start) => cursor = start,
+            None => break,
+        }
+    }
+    Ok(())
 }
 
 /// How many checkpoints at or below the newest saved offset a store keeps per
@@ -251,12 +497,14 @@ impl Default for ScyllaOptions {
 /// Opens (and creates if missing) the store at `url`.
 pub async fn open_store(
     url: &str,
-    scylla: &ScyllaOptions,
+    options: &StoreOptions,
 ) -> Result<Arc<dyn WindowStore>, SinkError> {
     match url.parse::<StoreUrl>()? {
-        StoreUrl::Sqlite { path } => Ok(Arc::new(crate::sqlite::SqliteStore::open(&path)?)),
+        StoreUrl::Sqlite { path } => Ok(Arc::new(
+            crate::sqlite::SqliteStore::open_with(&path, options).await?,
+        )),
         StoreUrl::Scylla { nodes, keyspace } => Ok(Arc::new(
-            crate::scylla_store::ScyllaStore::connect(&nodes, &keyspace, scylla).await?,
+            crate::scylla_store::ScyllaStore::connect_with(&nodes, &keyspace, options).await?,
         )),
     }
 }

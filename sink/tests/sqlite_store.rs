@@ -115,7 +115,7 @@ async fn the_most_complete_row_wins_in_every_arrival_order() {
                 .unwrap();
         }
         let rows = store
-            .read_rows(k, start, start + WINDOW, WINDOW)
+            .read_rows(k, start, start + WINDOW, 100)
             .await
             .unwrap();
         let expected = WindowRow {
@@ -149,7 +149,7 @@ async fn the_most_complete_row_wins_in_every_arrival_order() {
             }
         }
         let read = store
-            .read_rows(key_with_replay, start, start + WINDOW, WINDOW)
+            .read_rows(key_with_replay, start, start + WINDOW, 100)
             .await
             .unwrap();
         let expected = WindowRow {
@@ -172,10 +172,10 @@ async fn writing_the_same_rows_twice_changes_nothing() {
         row(key(2), WINDOW, 0, 7, 12, false, 2),
     ];
     store.write_rows(&rows).await.unwrap();
-    let first = store.scan_rows(i64::MIN, i64::MAX).await.unwrap();
+    let first = store.scan_rows(i64::MIN, i64::MAX, &[]).await.unwrap();
     store.write_rows(&rows).await.unwrap();
     store.write_rows(&rows[1..2]).await.unwrap();
-    let second = store.scan_rows(i64::MIN, i64::MAX).await.unwrap();
+    let second = store.scan_rows(i64::MIN, i64::MAX, &[]).await.unwrap();
     assert_eq!(first, second);
     assert_eq!(first.len(), 3);
     // An equal version with different content (impossible from the engine) does not
@@ -187,7 +187,10 @@ async fn writing_the_same_rows_twice_changes_nothing() {
         }])
         .await
         .unwrap();
-    assert_eq!(store.scan_rows(i64::MIN, i64::MAX).await.unwrap(), first);
+    assert_eq!(
+        store.scan_rows(i64::MIN, i64::MAX, &[]).await.unwrap(),
+        first
+    );
     store.write_rows(&[]).await.unwrap();
 }
 
@@ -205,10 +208,7 @@ async fn read_rows_is_from_inclusive_to_exclusive_and_ordered() {
     }
     store.write_rows(&rows).await.unwrap();
 
-    let read = store
-        .read_rows(a, WINDOW, 3 * WINDOW, WINDOW)
-        .await
-        .unwrap();
+    let read = store.read_rows(a, WINDOW, 3 * WINDOW, 100).await.unwrap();
     let seen: Vec<(i64, i32)> = read
         .iter()
         .map(|r| (r.window_start_ms, r.partition))
@@ -222,32 +222,33 @@ async fn read_rows_is_from_inclusive_to_exclusive_and_ordered() {
         .all(|r| r.key == a && r.sum == r.window_start_ms / WINDOW + 1));
     // A bound between window starts.
     let read = store
-        .read_rows(a, WINDOW + 1, 3 * WINDOW + 1, WINDOW)
+        .read_rows(a, WINDOW + 1, 3 * WINDOW + 1, 100)
         .await
         .unwrap();
     let starts: Vec<i64> = read.iter().map(|r| r.window_start_ms).collect();
     assert_eq!(starts, vec![2 * WINDOW, 2 * WINDOW, 3 * WINDOW, 3 * WINDOW]);
     assert!(store
-        .read_rows(a, WINDOW, WINDOW, WINDOW)
+        .read_rows(a, WINDOW, WINDOW, 100)
         .await
         .unwrap()
         .is_empty());
     assert!(store
-        .read_rows(key(3), 0, 10 * WINDOW, WINDOW)
+        .read_rows(key(3), 0, 10 * WINDOW, 100)
         .await
         .unwrap()
         .is_empty());
 
-    let scanned = store.scan_rows(WINDOW, 2 * WINDOW).await.unwrap();
+    let scanned = store.scan_rows(WINDOW, 2 * WINDOW, &[]).await.unwrap();
     assert_eq!(scanned.len(), 3);
-    let order: Vec<(i64, i32, Uuid)> = scanned
+    // In primary-key order: (window_start, key, partition).
+    let order: Vec<(i64, Uuid, i32)> = scanned
         .iter()
-        .map(|r| (r.window_start_ms, r.partition, r.key))
+        .map(|r| (r.window_start_ms, r.key, r.partition))
         .collect();
-    assert_eq!(order, vec![(WINDOW, 0, b), (WINDOW, 1, a), (WINDOW, 4, a)]);
-    assert_eq!(store.scan_rows(0, 4 * WINDOW).await.unwrap().len(), 12);
+    assert_eq!(order, vec![(WINDOW, a, 1), (WINDOW, a, 4), (WINDOW, b, 0)]);
+    assert_eq!(store.scan_rows(0, 4 * WINDOW, &[]).await.unwrap().len(), 12);
     assert!(store
-        .scan_rows(4 * WINDOW, 5 * WINDOW)
+        .scan_rows(4 * WINDOW, 5 * WINDOW, &[])
         .await
         .unwrap()
         .is_empty());
@@ -259,10 +260,10 @@ async fn rows_are_stored_with_the_documented_columns() {
     let path = dir.path().join("nested/dir/tally.db");
     let store = SqliteStore::open(&path).unwrap();
     let k = Uuid::parse_str("0A1B2C3D-0000-4000-8000-00000000ABCD").unwrap();
-    let written = row(k, 20_000, 7, 42, 1234, true, 3);
+    let written = row(k, 1_790_000_020_000, 7, 42, 1234, true, 3);
     store.write_rows(&[written]).await.unwrap();
     let connection = rusqlite::Connection::open(&path).unwrap();
-    let stored: (String, i64, i64, i64, i64, i64, i64, i64, i64, i64) = connection
+    let stored: (Vec<u8>, i64, i64, i64, i64, i64, i64, i64, i64, i64) = connection
         .query_row(
             r#"SELECT "key", window_start, "partition", window_end, sum, count, final, through_offset, version, generation FROM window_sums"#,
             [],
@@ -272,10 +273,10 @@ async fn rows_are_stored_with_the_documented_columns() {
     assert_eq!(
         stored,
         (
-            "0a1b2c3d-0000-4000-8000-00000000abcd".to_owned(),
-            20_000,
+            k.as_bytes().to_vec(),
+            1_790_000_020_000,
             7,
-            30_000,
+            1_790_000_030_000,
             42,
             42,
             1,
@@ -284,10 +285,166 @@ async fn rows_are_stored_with_the_documented_columns() {
             3
         )
     );
+    // What the `sqlite3` shell shows through the view.
+    let readable: (String, String, String) = connection
+        .query_row(
+            r#"SELECT "key", window_start, window_end FROM window_sums_readable"#,
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        readable,
+        (
+            "0a1b2c3d-0000-4000-8000-00000000abcd".to_owned(),
+            "2026-09-21T14:13:40.000Z".to_owned(),
+            "2026-09-21T14:13:50.000Z".to_owned()
+        )
+    );
     let journal: String = connection
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();
     assert_eq!(journal, "wal");
+    let without_rowid: bool = connection
+        .query_row(
+            "SELECT wr FROM pragma_table_list WHERE name = 'window_sums'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(without_rowid);
+}
+
+#[tokio::test]
+async fn a_key_range_read_uses_the_key_index_not_a_time_scan() {
+    // A per-key read must not scan every key's rows of the range: that is what keeps
+    // reads cheap on a store with many keys.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.db");
+    SqliteStore::open(&path).unwrap();
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    let plan: Vec<String> = connection
+        .prepare(&format!(
+            "EXPLAIN QUERY PLAN {}",
+            tally_sink::sqlite::READ_RANGE
+        ))
+        .unwrap()
+        .query_map(rusqlite::params![0, vec![0u8; 16], 0, 10, 5], |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let plan = plan.join("; ");
+    assert!(
+        plan.contains("USING INDEX window_sums_by_key") && plan.contains("key=?"),
+        "{plan}"
+    );
+    assert!(!plan.contains("TEMP B-TREE"), "no sort needed: {plan}");
+}
+
+#[tokio::test]
+async fn read_rows_stops_at_the_limit_and_windows_are_read_whole_across_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let k = key(4);
+    // 50 windows across an hour boundary (the per-key index is bucketed by hour).
+    let base = 3 * 3_600_000 - 20 * WINDOW;
+    let mut rows = Vec::new();
+    for window in 0..50 {
+        for partition in 0..3 {
+            rows.push(row(
+                k,
+                base + window * WINDOW,
+                partition,
+                window + 1,
+                5,
+                window < 40,
+                0,
+            ));
+        }
+    }
+    // Another key in the same hours stays out.
+    rows.push(row(key(5), base + 19 * WINDOW, 0, 1_000, 5, true, 0));
+    store.write_rows(&rows).await.unwrap();
+    let first = store
+        .read_rows(k, base, base + 50 * WINDOW, 7)
+        .await
+        .unwrap();
+    assert_eq!(first, rows[..7].to_vec());
+    // A limit reached in the second hour bucket.
+    let across = store
+        .read_rows(k, base + 18 * WINDOW, base + 50 * WINDOW, 9)
+        .await
+        .unwrap();
+    assert_eq!(across, rows[18 * 3..18 * 3 + 9].to_vec());
+    let all = store
+        .read_rows(k, base, base + 50 * WINDOW, 1_000)
+        .await
+        .unwrap();
+    assert_eq!(all, rows[..150].to_vec());
+    // Chunks of 7 rows cut windows of 3 partitions; every window still comes out whole.
+    for chunk in [4, 5, 7, 150, 1_000] {
+        let mut seen = Vec::new();
+        tally_sink::store::visit_windows(
+            &store,
+            k,
+            base + 5 * WINDOW,
+            base + 45 * WINDOW,
+            chunk,
+            |_| true,
+            |w| {
+                seen.push(w);
+                std::ops::ControlFlow::Continue(())
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(seen.len(), 40, "chunk {chunk}");
+        for (i, window) in seen.iter().enumerate() {
+            let n = i as i64 + 5;
+            assert_eq!(window.window_start_ms, base + n * WINDOW);
+            assert_eq!(
+                (window.sum, window.count),
+                (3 * (n + 1), 3 * (n + 1)),
+                "chunk {chunk}"
+            );
+            assert_eq!(window.is_final, n < 40);
+        }
+    }
+    // A window with more partition rows than a chunk is an error, not a loop.
+    let err = tally_sink::store::visit_windows(
+        &store,
+        k,
+        base,
+        base + WINDOW,
+        3,
+        |_| true,
+        |_| std::ops::ControlFlow::Continue(()),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, SinkError::BadRow(_)), "{err:?}");
+    // `keep` drops rows before summing; `visit` can stop early.
+    let mut seen = Vec::new();
+    tally_sink::store::visit_windows(
+        &store,
+        k,
+        base,
+        base + 50 * WINDOW,
+        100,
+        |r| r.partition != 1,
+        |w| {
+            seen.push(w);
+            if seen.len() == 2 {
+                std::ops::ControlFlow::Break(())
+            } else {
+                std::ops::ControlFlow::Continue(())
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[1].count, 2 * 2);
 }
 
 #[tokio::test]
@@ -425,10 +582,7 @@ async fn reopening_the_file_keeps_rows_and_checkpoints() {
     }
     let store = open(dir.path());
     assert_eq!(
-        store
-            .read_rows(key(9), 0, 2 * WINDOW, WINDOW)
-            .await
-            .unwrap(),
+        store.read_rows(key(9), 0, 2 * WINDOW, 100).await.unwrap(),
         rows.to_vec()
     );
     assert_eq!(
@@ -468,6 +622,43 @@ async fn a_table_with_other_columns_is_a_schema_error() {
     let err = SqliteStore::open(&path).unwrap_err();
     assert!(matches!(err, SinkError::Schema(_)), "{err:?}");
     assert!(!err.is_retryable());
+
+    // Exactly the layout of the previous build: named as such, with what to do.
+    let path = dir.path().join("earlier.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            r#"CREATE TABLE window_sums ("key" TEXT NOT NULL, window_start INTEGER NOT NULL,
+               "partition" INTEGER NOT NULL, window_end INTEGER NOT NULL, sum INTEGER NOT NULL,
+               count INTEGER NOT NULL, final INTEGER NOT NULL, through_offset INTEGER NOT NULL,
+               version INTEGER NOT NULL, generation INTEGER NOT NULL,
+               PRIMARY KEY ("key", window_start, "partition"));
+               CREATE INDEX window_sums_by_start ON window_sums (window_start);"#,
+        )
+        .unwrap();
+    match SqliteStore::open(&path) {
+        Err(SinkError::Schema(message)) => {
+            assert!(message.contains("earlier Tally build"), "{message}");
+            assert!(message.contains("no migration"), "{message}");
+            assert!(message.contains("--group"), "{message}");
+        }
+        other => panic!("expected a schema error, got {other:?}"),
+    }
+
+    // Same columns, but a rowid table.
+    let path = dir.path().join("rowid.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(
+            r#"CREATE TABLE window_sums (window_start INTEGER NOT NULL, "key" BLOB NOT NULL,
+               "partition" INTEGER NOT NULL, window_end INTEGER NOT NULL, sum INTEGER NOT NULL,
+               count INTEGER NOT NULL, final INTEGER NOT NULL, through_offset INTEGER NOT NULL,
+               version INTEGER NOT NULL, generation INTEGER NOT NULL,
+               PRIMARY KEY (window_start, "key", "partition"));"#,
+        )
+        .unwrap();
+    let err = SqliteStore::open(&path).unwrap_err();
+    assert!(err.to_string().contains("WITHOUT ROWID"), "{err}");
 }
 
 #[tokio::test]
@@ -485,7 +676,14 @@ async fn two_connections_to_one_file_can_write_concurrently() {
         }
     };
     tokio::join!(write(first.clone(), 0), write(second, 1));
-    assert_eq!(first.scan_rows(i64::MIN, i64::MAX).await.unwrap().len(), 60);
+    assert_eq!(
+        first
+            .scan_rows(i64::MIN, i64::MAX, &[])
+            .await
+            .unwrap()
+            .len(),
+        60
+    );
 }
 
 fn versioned_write() -> impl Strategy<Value = (u128, i64, u16, i64, bool, i64)> {
@@ -540,7 +738,7 @@ proptest! {
             for calls in order.chunks(chunk) {
                 store.write_rows(calls).await.unwrap();
             }
-            store.scan_rows(i64::MIN, i64::MAX).await.unwrap()
+            store.scan_rows(i64::MIN, i64::MAX, &[]).await.unwrap()
         });
         let stored_versions: Vec<i64> = stored.iter().map(WindowRow::version).collect();
         let expected_versions: Vec<i64> = expected.values().map(WindowRow::version).collect();
@@ -606,6 +804,133 @@ async fn metadata_is_compare_and_set_and_pins_settings_once() {
         tally_sink::load_settings(&reopened).await.unwrap(),
         Some(pinned)
     );
+}
+
+const DAY: i64 = 86_400_000;
+
+#[tokio::test]
+async fn retention_prunes_expired_final_rows_and_old_checkpoints_in_bounded_batches() {
+    use tally_sink::store::{load_retention, now_ms, Retention, StoreOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("retained.db");
+    let writer_options = |retention| StoreOptions {
+        retention: Retention::Enforce(retention),
+        ..StoreOptions::default()
+    };
+    let store = SqliteStore::open_with(&path, &writer_options(Some(DAY)))
+        .await
+        .unwrap();
+    assert_eq!(store.retention_ms(), Some(DAY));
+    assert_eq!(load_retention(&store).await.unwrap(), Some(DAY));
+
+    let now = now_ms();
+    let start = |ago: i64| (now - ago).div_euclid(WINDOW) * WINDOW;
+    let old_final = row(key(1), start(3 * DAY), 0, 5, 10, true, 0);
+    // Its window ended more than a day ago too, but it is not final: kept.
+    let old_provisional = row(key(2), start(3 * DAY), 0, 6, 11, false, 0);
+    // Ended less than a day ago: kept.
+    let recent_final = row(key(1), start(DAY - 60_000), 0, 7, 12, true, 0);
+    store
+        .write_rows(&[old_final, old_provisional, recent_final])
+        .await
+        .unwrap();
+    store
+        .save_checkpoint(&scope(0), &checkpoint(10, 0))
+        .await
+        .unwrap();
+    store
+        .save_checkpoint(&scope(1), &checkpoint(20, 0))
+        .await
+        .unwrap();
+    let connection = rusqlite::Connection::open(&path).unwrap();
+    connection
+        .execute(
+            r#"UPDATE checkpoints SET saved_at = ?1 WHERE "partition" = 0"#,
+            [now - 2 * DAY],
+        )
+        .unwrap();
+
+    // A reader never prunes, whatever the store records.
+    let reader = SqliteStore::open(&path).unwrap();
+    assert_eq!(reader.prune_expired().await.unwrap(), 0);
+    assert_eq!(load_retention(&reader).await.unwrap(), Some(DAY));
+
+    // The flush above may already have pruned in the background; either way, after
+    // one explicit batch exactly the expired final row and the old checkpoint are gone.
+    store.prune_expired().await.unwrap();
+    let left = store.scan_rows(i64::MIN, i64::MAX, &[]).await.unwrap();
+    assert_eq!(left, vec![old_provisional, recent_final]);
+    assert_eq!(store.load_checkpoint(&scope(0), None).await.unwrap(), None);
+    assert_eq!(
+        store.load_checkpoint(&scope(1), None).await.unwrap(),
+        Some(checkpoint(20, 0))
+    );
+
+    // A backlog is deleted a bounded batch per transaction.
+    let backlog: Vec<WindowRow> = (0..tally_sink::sqlite::PRUNE_BATCH + 5)
+        .map(|i| row(key(i as u128 + 10), start(2 * DAY), 0, 1, 1, true, 0))
+        .collect();
+    let connection_count = |c: &rusqlite::Connection| -> i64 {
+        c.query_row("SELECT count(*) FROM window_sums", [], |r| r.get(0))
+            .unwrap()
+    };
+    // Written through a reader-options store so no background prune races the count.
+    reader.write_rows(&backlog).await.unwrap();
+    assert_eq!(connection_count(&connection), backlog.len() as i64 + 2);
+    assert_eq!(
+        store.prune_expired().await.unwrap(),
+        tally_sink::sqlite::PRUNE_BATCH as usize
+    );
+    assert_eq!(connection_count(&connection), 5 + 2);
+
+    // And the writer prunes on its own after its flushes, without being asked.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        store
+            .write_rows(&[row(key(3), start(0), 0, 1, 1, false, 0)])
+            .await
+            .unwrap();
+        if connection_count(&connection) == 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not prune the backlog after its flushes"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+
+    // A writer started without retention records that rows are kept.
+    let keeper = SqliteStore::open_with(&path, &writer_options(None))
+        .await
+        .unwrap();
+    assert_eq!(load_retention(&keeper).await.unwrap(), None);
+    assert_eq!(keeper.prune_expired().await.unwrap(), 0);
+    let err = SqliteStore::open_with(&path, &writer_options(Some(0)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SinkError::Config(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn the_bucket_is_a_scylladb_setting_that_sqlite_ignores() {
+    use tally_sink::store::StoreOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bucket.db");
+    for bucket_ms in [DAY, 3_600_000] {
+        let options = StoreOptions {
+            bucket_ms,
+            ..StoreOptions::default()
+        };
+        let store = SqliteStore::open_with(&path, &options).await.unwrap();
+        assert_eq!(
+            store
+                .load_metadata(tally_sink::store::BUCKET_METADATA_NAME)
+                .await
+                .unwrap(),
+            None
+        );
+    }
 }
 
 #[tokio::test]

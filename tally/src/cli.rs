@@ -41,13 +41,12 @@ pub enum Command {
 pub struct IngestArgs {
     #[command(flatten)]
     pub config: tally_ingest::IngestConfig,
-    /// Window store to answer `GET /v1/windows/{key}` from (the read side); without
-    /// it that route answers 404.
+    /// Window store to answer `GET /v1/windows/{key}` and `GET /v1/windows?key=` from
+    /// (the read side); without it those routes answer 404.
     #[arg(long, env = "TALLY_STORE")]
     pub store: Option<String>,
-    /// Window size the aggregators use (for reads from ScyllaDB).
-    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
-    pub window: std::time::Duration,
+    #[command(flatten)]
+    pub read: crate::read_api::ReadArgs,
     #[command(flatten)]
     pub scylla: tally_aggregator::config::ScyllaArgs,
 }

@@ -76,8 +76,10 @@ async fn serve(args: &DevArgs, bootstrap: &str) -> anyhow::Result<()> {
     let registry = prometheus::Registry::new();
     let (stop, stopping) = watch::channel(false);
 
-    let window_ms = i64::try_from(args.window.as_millis()).unwrap_or(i64::MAX);
-    let read_handler = crate::read_api::handler(store.clone(), window_ms);
+    let read_handler = crate::read_api::handler(
+        store.clone(),
+        crate::read_api::ReadArgs::default().limits()?,
+    );
     let ingest = tokio::spawn(tally_ingest::run_with(
         ingest_config,
         listener,

@@ -45,14 +45,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let registry = prometheus::Registry::new();
             let read_handler = match &args.store {
                 Some(url) => {
+                    let limits = args.read.limits()?;
                     let store = args
                         .scylla
                         .open(url)
                         .await
                         .with_context(|| format!("opening {url}"))?;
-                    let window_ms =
-                        i64::try_from(args.window.as_millis()).context("--window too large")?;
-                    Some(read_api::handler(store, window_ms))
+                    Some(read_api::handler(store, limits))
                 }
                 None => None,
             };

@@ -111,15 +111,16 @@ fn query_prints_windows_and_verify_catches_a_tampered_row() {
     let to = (base + 30_000).to_string();
     let key = keys[1].to_string();
     let output = run_tally(&[
-        "query", "--store", &store_url, "--key", &key, "--from", &from, "--to", &to, "--window",
-        "2s",
+        "query", "--store", &store_url, "--key", &key, "--from", &from, "--to", &to,
     ]);
     assert!(output.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+    let mut lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
         .unwrap()
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect();
+    // The last line is the total of the range.
+    let total = lines.pop().unwrap()["total"].clone();
     let want: Vec<_> = {
         let mut windows: Vec<_> = expected
             .iter()
@@ -138,6 +139,12 @@ fn query_prints_windows_and_verify_catches_a_tampered_row() {
     }
     // All but the newest windows are final: later records moved the watermark.
     assert!(lines.first().unwrap()["final"].as_bool().unwrap());
+    let (sum, count) = want
+        .iter()
+        .fold((0, 0), |(s, c), (_, (sum, count))| (s + sum, c + count));
+    assert_eq!(total["sum"], sum);
+    assert_eq!(total["count"], count);
+    assert_eq!(total["windows"], want.len());
 
     let verify = |expect_clean: bool| {
         let output = run_tally(&[
@@ -160,7 +167,7 @@ fn query_prints_windows_and_verify_catches_a_tampered_row() {
     let changed = tamper
         .execute(
             "UPDATE window_sums SET sum = sum + 1 WHERE key = ?1 AND window_start = ?2",
-            rusqlite::params![keys[0].to_string(), base],
+            rusqlite::params![keys[0].as_bytes(), base],
         )
         .unwrap();
     assert_eq!(changed, 1);
@@ -202,7 +209,7 @@ fn replay_from_time_rebuilds_later_windows_with_a_new_generation() {
     damage
         .execute(
             "UPDATE window_sums SET sum = 999999 WHERE key = ?1 AND window_start = ?2",
-            rusqlite::params![keys[0].to_string(), base],
+            rusqlite::params![keys[0].as_bytes(), base],
         )
         .unwrap();
     drop(damage);

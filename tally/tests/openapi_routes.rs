@@ -305,6 +305,46 @@ fn concrete_path(path: &str) -> String {
     out
 }
 
+/// The query string for an operation's required query parameters, from their
+/// `example`s (an array example repeats the parameter, as `style: form, explode: true`
+/// does): `?key=…&key=…`, or empty.
+fn required_query(spec: &Value, operation: &Value) -> String {
+    let mut pairs = Vec::new();
+    for parameter in operation
+        .get("parameters")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        let parameter = resolve(spec, parameter);
+        if parameter.get("in").and_then(Value::as_str) != Some("query")
+            || parameter.get("required") != Some(&Value::Bool(true))
+        {
+            continue;
+        }
+        let name = parameter["name"].as_str().expect("parameter name");
+        let example = parameter
+            .get("example")
+            .unwrap_or_else(|| panic!("required query parameter {name} needs an example"));
+        let values: Vec<&Value> = match example {
+            Value::Array(items) => items.iter().collect(),
+            other => vec![other],
+        };
+        for value in values {
+            let text = match value {
+                Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            pairs.push(format!("{name}={text}"));
+        }
+    }
+    if pairs.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", pairs.join("&"))
+    }
+}
+
 /// The body to send for a documented media type: its `example`, JSON-encoded unless
 /// it is a string.
 fn example_body(label: &str, media: &str, media_object: &Value) -> Vec<u8> {
@@ -430,7 +470,11 @@ fn spec_and_router_agree() {
     // 1. Every documented operation is served with a documented, successful answer.
     for (path, method, operation) in &operations {
         let label = format!("{} {path}", method.to_uppercase());
-        let target = concrete_path(path);
+        let target = format!(
+            "{}{}",
+            concrete_path(path),
+            required_query(&spec, operation)
+        );
         let mut requests: Vec<(Option<String>, Vec<u8>)> = Vec::new();
         match operation
             .get("requestBody")
@@ -492,17 +536,50 @@ fn spec_and_router_agree() {
         .as_millis();
     for query in [
         format!("?from={}&to={}", now_ms - 3_600_000, now_ms + 60_000),
-        "?from=2020-01-01T00:00:00Z&to=2030-01-01T00:00:00Z".to_owned(),
+        "?from=2026-01-01T00:00:00Z&to=2026-01-31T00:00:00Z".to_owned(),
+        // Form-urlencoded, as most clients send it.
+        "?from=2026-01-01T00%3A00%3A00%2B01%3A00&to=2026-01-02T00%3A00%3A00Z&limit=5".to_owned(),
     ] {
         let target = format!("{}{query}", concrete_path(&windows.0));
         let response = http(dev.ingest, "GET", &target, &[], b"");
         assert_eq!(response.status, 200, "GET {target}: {}", response.text());
         check_documented(&spec, &format!("GET {target}"), &windows.2, &response);
     }
-    let bad_range = format!("{}?from=yesterday", concrete_path(&windows.0));
-    let response = http(dev.ingest, "GET", &bad_range, &[], b"");
-    assert_eq!(response.status, 400, "GET {bad_range}: {}", response.text());
-    check_documented(&spec, &format!("GET {bad_range}"), &windows.2, &response);
+    for (query, code) in [
+        ("?from=yesterday", "invalid_time"),
+        ("?from=-10", "invalid_time"),
+        ("?to=253402300800000", "invalid_time"),
+        (
+            "?from=2020-01-01T00:00:00Z&to=2030-01-01T00:00:00Z",
+            "range_too_long",
+        ),
+        ("?limit=0", "invalid_limit"),
+        ("?cursor=x", "invalid_cursor"),
+        ("?colour=blue", "invalid_query"),
+    ] {
+        let bad = format!("{}{query}", concrete_path(&windows.0));
+        let response = http(dev.ingest, "GET", &bad, &[], b"");
+        assert_eq!(response.status, 400, "GET {bad}: {}", response.text());
+        assert_eq!(response.json()["error"], code, "GET {bad}");
+        check_documented(&spec, &format!("GET {bad}"), &windows.2, &response);
+    }
+    let several = operations
+        .iter()
+        .find(|(path, method, _)| path == "/v1/windows" && method == "get")
+        .expect("GET /v1/windows is documented");
+    for (query, status) in [
+        (
+            "?key=7c9e6679-7425-40de-944b-e07fc1f66afe&key=0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d",
+            200,
+        ),
+        ("?from=2026-01-01T00:00:00Z", 400),
+        ("?key=nope", 400),
+    ] {
+        let target = format!("/v1/windows{query}");
+        let response = http(dev.ingest, "GET", &target, &[], b"");
+        assert_eq!(response.status, status, "GET {target}: {}", response.text());
+        check_documented(&spec, &format!("GET {target}"), &several.2, &response);
+    }
 
     // 2. Documented error answers match their schemas.
     let find = |path: &str, method: &str| -> &Value {

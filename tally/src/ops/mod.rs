@@ -54,7 +54,7 @@ impl Brokers {
     }
 }
 
-/// Where the window rows are, and the window size the aggregators use.
+/// Where the window rows are. (The window size is the one pinned in the store.)
 #[derive(clap::Args, Debug)]
 pub struct StoreArgs {
     /// Window store: sqlite://PATH or scylla://host:port[,host:port]/keyspace.
@@ -64,20 +64,11 @@ pub struct StoreArgs {
         default_value = "sqlite://data/tally.sqlite"
     )]
     pub store: String,
-    /// Window size the aggregators use (ScyllaDB reads enumerate window starts).
-    #[arg(long, env = "TALLY_WINDOW", default_value = "10s", value_parser = tally_aggregator::config::parse_duration)]
-    pub window: Duration,
     #[command(flatten)]
     pub scylla: tally_aggregator::config::ScyllaArgs,
 }
 
 impl StoreArgs {
-    pub fn window_ms(&self) -> anyhow::Result<i64> {
-        let window_ms = i64::try_from(self.window.as_millis()).context("--window too large")?;
-        anyhow::ensure!(window_ms > 0, "--window must be positive");
-        Ok(window_ms)
-    }
-
     pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn tally_sink::WindowStore>> {
         self.scylla
             .open(&self.store)

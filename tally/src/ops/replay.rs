@@ -59,11 +59,11 @@ pub struct ReplayArgs {
     /// Rebuild from these offsets, `PARTITION:OFFSET[,PARTITION:OFFSET…]`.
     #[arg(long, value_delimiter = ',')]
     pub from_offset: Vec<String>,
-    /// With --from: change the window size from that time on (start the aggregators
+    /// Change the window size from the --from time on (start the aggregators
     /// with the new value afterwards).
     #[arg(long, requires = "from", value_parser = tally_aggregator::config::parse_duration)]
     pub window: Option<Duration>,
-    /// With --from: change the grace from that time on.
+    /// Change the grace from the --from time on.
     #[arg(long, requires = "from", value_parser = tally_aggregator::config::parse_duration)]
     pub grace: Option<Duration>,
 }

@@ -216,7 +216,7 @@ pub async fn store_rows(path: &Path) -> Vec<WindowRow> {
     }
     let store = tally_sink::sqlite::SqliteStore::open(path).unwrap();
     store
-        .scan_rows(i64::MIN, i64::MAX)
+        .scan_rows(i64::MIN, i64::MAX, &[])
         .await
         .unwrap_or_default()
 }
