@@ -13,7 +13,6 @@ mod support;
 
 use anyhow::{bail, Context};
 use support::arg;
-use tally_sink::store::ScyllaOptions;
 
 const USAGE: &str =
     "usage: check_store STORE_URL FROM_MS TO_MS ROWS SUM COUNT [FROM_MS TO_MS ROWS SUM COUNT]...";
@@ -25,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     if args.len() < 6 || !(args.len() - 1).is_multiple_of(5) {
         bail!("{USAGE}");
     }
-    let store = tally_sink::open_store(&url, &ScyllaOptions::default())
+    let store = tally_sink::open_store(&url, &tally_sink::StoreOptions::default())
         .await
         .with_context(|| format!("opening {url}"))?;
     let mut all_ok = true;
@@ -37,7 +36,7 @@ async fn main() -> anyhow::Result<()> {
         let sum: i128 = arg(&args, at + 3, None, USAGE)?;
         let count: i128 = arg(&args, at + 4, None, USAGE)?;
         let found = store
-            .scan_rows(from, to)
+            .scan_rows(from, to, &[])
             .await
             .context("scanning the store")?;
         let found_sum: i128 = found.iter().map(|row| i128::from(row.sum)).sum();

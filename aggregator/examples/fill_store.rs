@@ -20,7 +20,6 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 use support::{arg, kafka_partition, SplitMix64, WINDOW_MS};
-use tally_sink::store::ScyllaOptions;
 use tally_sink::WindowRow;
 
 const USAGE: &str = "usage: fill_store STORE_URL KEYS WINDOWS BEFORE_MS [SEED=1] [PARTITIONS=4]";
@@ -40,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
     if keys == 0 || windows <= 0 || partitions <= 0 {
         bail!("KEYS, WINDOWS and PARTITIONS must be positive");
     }
-    let store = tally_sink::open_store(&url, &ScyllaOptions::default())
+    let store = tally_sink::open_store(&url, &tally_sink::StoreOptions::default())
         .await
         .with_context(|| format!("opening {url}"))?;
 

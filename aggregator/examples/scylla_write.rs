@@ -274,7 +274,7 @@ fn main() -> anyhow::Result<()> {
         for (phase, rows) in written.iter().enumerate() {
             for row in rows.iter().step_by((rows.len() / 200).max(1)) {
                 let found = store
-                    .read_rows(row.key, row.window_start_ms, row.window_end_ms, WINDOW_MS)
+                    .read_rows(row.key, row.window_start_ms, row.window_end_ms, 10)
                     .await
                     .context("reading back")?;
                 if found.as_slice() != std::slice::from_ref(row) {

@@ -722,7 +722,8 @@ pub fn handler(store: Arc<dyn WindowStore>, limits: ReadLimits) -> tally_ingest:
         Box::pin(async move {
             // The live page's static files come through the same hook (tally/src/ui.rs).
             let path = request.uri().path();
-            if request.method() == http::Method::GET && (path == "/ui" || path.starts_with("/ui/")) {
+            if request.method() == http::Method::GET && (path == "/ui" || path.starts_with("/ui/"))
+            {
                 return crate::ui::answer(path);
             }
             match api.answer(&request).await {
