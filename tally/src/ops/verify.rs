@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
 use tally_aggregator::engine::{EngineConfig, PartitionEngine, RecordOutcome, Resume};
@@ -545,8 +545,15 @@ fn recompute(
             }
         };
         let mut done = offset + 1 >= read.end;
+        let is_marker = message.headers().is_some_and(|headers| {
+            headers
+                .iter()
+                .any(|header| header.key == tally_schemas::names::MARKER_HEADER)
+        });
         if let Some(engine) = engine {
+            // Idle markers advance event time as they did for the aggregator.
             match message.payload().map(decode_increment) {
+                _ if is_marker => engine.marker(offset, timestamp.unwrap_or(-1), now),
                 Some(Ok(increment)) => {
                     let _: RecordOutcome = engine.record(
                         offset,
