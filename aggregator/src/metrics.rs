@@ -50,6 +50,8 @@ pub struct AggregatorMetrics {
     pub lost_offsets: IntCounterVec,
     /// Idle markers appended to idle partitions (so their windows close).
     pub idle_markers: IntCounter,
+    /// 1 while `/readyz` would answer 200, 0 otherwise (the reason is in `/readyz`).
+    pub ready: IntGauge,
     /// `records` resolved per outcome once, so the per-record path does no label lookup.
     pub outcomes: OutcomeCounters,
 }
@@ -209,6 +211,11 @@ impl AggregatorMetrics {
             "Idle markers appended to idle partitions so their windows close",
         )?;
         registry.register(Box::new(idle_markers.clone()))?;
+        let ready = IntGauge::new(
+            "tally_aggregator_ready",
+            "1 while /readyz answers 200 (no open circuit, fatal error, halted or stalled partition)",
+        )?;
+        registry.register(Box::new(ready.clone()))?;
         registry.register(Box::new(handovers.clone()))?;
         registry.register(Box::new(dlq_failures.clone()))?;
         registry.register(Box::new(lost_offsets.clone()))?;
@@ -264,6 +271,7 @@ impl AggregatorMetrics {
             dlq_failures,
             lost_offsets,
             idle_markers,
+            ready,
         })
     }
 

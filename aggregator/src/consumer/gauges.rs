@@ -19,6 +19,9 @@ impl Gauges {
             )
         };
         let metrics = &shell.metrics;
+        metrics
+            .ready
+            .set(i64::from(shell.health.readiness().is_ok()));
         let last = &self.exported;
         let outcomes = &metrics.outcomes;
         outcomes.counted.inc_by(stats.counted - last.counted);
