@@ -15,22 +15,12 @@ mod support;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use support::*;
 use uuid::Uuid;
-
-fn run_tally(args: &[&str]) -> Output {
-    let output = tally().args(args).output().unwrap();
-    eprintln!(
-        "tally {args:?}:\n{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
 
 /// `tally aggregator` with its window and grace given here.
 fn aggregator(
@@ -92,15 +82,6 @@ fn rows(store: &Path) -> Vec<tally_sink::WindowRow> {
     block_on(store_rows(store))
 }
 
-fn produce(kafka: &Kafka, records: &[(Uuid, i64, i64)]) {
-    let producer = producer(&kafka.bootstrap);
-    let raw: Vec<_> = records
-        .iter()
-        .map(|(key, value, ts)| increment_record(*key, *value, *ts))
-        .collect();
-    produce_all(&producer, &raw);
-}
-
 fn scrape(port: u16) -> String {
     get(&format!("127.0.0.1:{port}"), "/metrics")
         .map(|(_, body)| body)
@@ -114,7 +95,7 @@ fn other_window_settings_are_refused_and_replay_changes_them_explicitly() {
     let store = dir.path().join("tally.sqlite");
     let key = Uuid::from_u128(0x5e7);
     let base = (now_ms() / 60_000) * 60_000 - 120_000;
-    produce(
+    produce_increments(
         &kafka,
         &[
             (key, 1, base + 100),
@@ -170,7 +151,7 @@ fn other_window_settings_are_refused_and_replay_changes_them_explicitly() {
         "4s",
     ]);
     assert!(output.status.success());
-    produce(
+    produce_increments(
         &kafka,
         &[
             (key, 10, base + 8_500),
@@ -222,7 +203,7 @@ fn offsets_deleted_by_retention_never_lower_a_stored_row() {
     let window = 60_000;
     let base = (now_ms() / window) * window - 10 * window;
     let first: Vec<_> = (0..1_000).map(|i| (key, 1, base + 10 + i / 100)).collect();
-    produce(&kafka, &first);
+    produce_increments(&kafka, &first);
     let port = free_port();
     let mut run = spawn_logged(
         aggregator(&kafka, "retention", &store, "60s", "5s", port, &[]),
@@ -238,7 +219,7 @@ fn offsets_deleted_by_retention_never_lower_a_stored_row() {
     let more: Vec<_> = (0..60_000)
         .map(|i| (key, 1, base + 20 + i / 1_000))
         .collect();
-    produce(&kafka, &more);
+    produce_increments(&kafka, &more);
     let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
         .set("bootstrap.servers", &kafka.bootstrap)
         .create()
@@ -285,7 +266,7 @@ fn offsets_deleted_by_retention_never_lower_a_stored_row() {
     // Accepting the loss: it goes on from the log start; the window the gap touches
     // stays exactly as stored (frozen), never replaced by a partial sum.
     let later: Vec<_> = (0..50).map(|i| (key, 1, base + 2 * window + i)).collect();
-    produce(&kafka, &later);
+    produce_increments(&kafka, &later);
     let log = dir.path().join("accepted.log");
     let _accepted = spawn_logged(
         aggregator(
@@ -332,7 +313,7 @@ fn replay_from_time_on_a_behind_group_without_metadata_resumes_from_the_store() 
     let base = (now_ms() / 2_000) * 2_000 - 60_000;
     // Ten records in [base, base + 2 s): the window stays open (grace 500 ms).
     let first: Vec<_> = (0..10).map(|i| (key, 1, base + 100 + i * 50)).collect();
-    produce(&kafka, &first);
+    produce_increments(&kafka, &first);
     let mut run = spawn_logged(
         aggregator(&kafka, "behind", &store, "2s", "500ms", free_port(), &[]),
         "aggregator",
@@ -362,7 +343,7 @@ fn replay_from_time_on_a_behind_group_without_metadata_resumes_from_the_store() 
     let mut later: Vec<_> = (0..5).map(|i| (key, 1, base + 1_500 + i * 50)).collect();
     later.extend((0..5).map(|i| (key, 2, base + 2_100 + i * 100)));
     later.push((key, 3, base + 6_000));
-    produce(&kafka, &later);
+    produce_increments(&kafka, &later);
     let output = run_tally(&[
         "replay",
         "--brokers",
@@ -451,7 +432,7 @@ fn with_every_broker_down_shutdown_ends_within_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("tally.sqlite");
     let key = Uuid::from_u128(0xd0e);
-    produce(&kafka, &[(key, 1, now_ms() - 10_000)]);
+    produce_increments(&kafka, &[(key, 1, now_ms() - 10_000)]);
     let mut run = spawn_logged(
         aggregator(
             &kafka,
@@ -491,7 +472,7 @@ fn a_rebalance_of_many_partitions_costs_about_one_revoke_timeout() {
     let records: Vec<_> = (0..240u128)
         .map(|i| (Uuid::from_u128(0x7e00 + i), 1, now_ms() - 20_000 + i as i64))
         .collect();
-    produce(&kafka, &records);
+    produce_increments(&kafka, &records);
     let options = ["--revoke-timeout", "4s"];
     let first_log = dir.path().join("first.log");
     let mut first = spawn_logged(
@@ -510,7 +491,7 @@ fn a_rebalance_of_many_partitions_costs_about_one_revoke_timeout() {
     wait_for(Duration::from_secs(60), "every record stored", || {
         rows(&store).iter().map(|r| r.count).sum::<i64>() == 240
     });
-    produce(&kafka, &records[..120]);
+    produce_increments(&kafka, &records[..120]);
     // Hold the store's write lock: the first aggregator's writes wait, so its revoke
     // must give up after the revoke timeout (reads still work: WAL).
     let lock = rusqlite::Connection::open(&store).unwrap();

@@ -4,9 +4,7 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::process::Output;
 use std::time::{Duration, UNIX_EPOCH};
 
 use rdkafka::config::ClientConfig;
@@ -16,49 +14,6 @@ use support::*;
 use uuid::Uuid;
 
 const WINDOW_MS: i64 = 2000;
-
-fn run_tally(args: &[&str]) -> Output {
-    let output = tally().args(args).output().unwrap();
-    eprintln!(
-        "tally {}\n-- stdout\n{}-- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-/// Produces valid increments `(key, value, event time)` directly, as a Kafka client would.
-fn produce_increments(kafka: &Kafka, records: &[(Uuid, i64, i64)]) {
-    let records: Vec<_> = records
-        .iter()
-        .map(|(key, value, timestamp)| increment_record(*key, *value, *timestamp))
-        .collect();
-    produce_all(&producer(&kafka.bootstrap), &records);
-}
-
-/// Per (key, window_start): (sum, count) of `records` (all valid and timely).
-fn per_window(records: &[(Uuid, i64, i64)]) -> HashMap<(Uuid, i64), (i64, i64)> {
-    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
-    for (key, value, timestamp) in records {
-        let entry = sums
-            .entry((*key, timestamp.div_euclid(WINDOW_MS) * WINDOW_MS))
-            .or_default();
-        entry.0 += value;
-        entry.1 += 1;
-    }
-    sums
-}
-
-fn stored_per_window(store: &Path) -> HashMap<(Uuid, i64), (i64, i64)> {
-    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
-    for row in block_on(store_rows(store)) {
-        let entry = sums.entry((row.key, row.window_start_ms)).or_default();
-        entry.0 += row.sum;
-        entry.1 += row.count;
-    }
-    sums
-}
 
 /// Ordered records over 20 s of event time, two minutes ago, for three keys.
 fn history(keys: &[Uuid]) -> (Vec<(Uuid, i64, i64)>, i64) {
@@ -99,7 +54,7 @@ fn query_prints_windows_and_verify_catches_a_tampered_row() {
     let keys = [Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3)];
     let (records, base) = history(&keys);
     produce_increments(&kafka, &records);
-    let expected = per_window(&records);
+    let expected = per_window(&records, WINDOW_MS);
     wait_for(
         Duration::from_secs(60),
         "the store to hold every window",
@@ -190,7 +145,7 @@ fn replay_from_time_rebuilds_later_windows_with_a_new_generation() {
     ];
     let (records, base) = history(&keys);
     produce_increments(&kafka, &records);
-    let expected = per_window(&records);
+    let expected = per_window(&records, WINDOW_MS);
     let mut aggregator = start_aggregator(&kafka, group, &store, &dir.path().join("a1.log"));
     wait_for(
         Duration::from_secs(60),
@@ -375,7 +330,7 @@ fn restart_without_commit_metadata_resumes_from_the_store_checkpoint() {
     let (mut records, base) = history(&keys);
     produce_increments(&kafka, &records);
     let mut first = start_aggregator(&kafka, group, &store, &dir.path().join("first.log"));
-    let expected = per_window(&records);
+    let expected = per_window(&records, WINDOW_MS);
     wait_for(Duration::from_secs(60), "the first run's windows", || {
         stored_per_window(&store) == expected
     });
@@ -413,7 +368,7 @@ fn restart_without_commit_metadata_resumes_from_the_store_checkpoint() {
     records.extend(later);
     let second_log = dir.path().join("second.log");
     let _second = start_aggregator(&kafka, group, &store, &second_log);
-    let expected = per_window(&records);
+    let expected = per_window(&records, WINDOW_MS);
     wait_for(Duration::from_secs(60), "the second run's windows", || {
         stored_per_window(&store) == expected
     });

@@ -10,9 +10,7 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::path::Path;
-use std::process::Output;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -20,50 +18,6 @@ use support::*;
 use uuid::Uuid;
 
 const WINDOW_MS: i64 = 2_000;
-
-fn run_tally(args: &[&str]) -> Output {
-    let output = tally().args(args).output().unwrap();
-    eprintln!(
-        "tally {}\n-- stdout\n{}-- stderr\n{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
-}
-
-fn produce(kafka: &Kafka, records: &[(Uuid, i64, i64)]) {
-    let records: Vec<_> = records
-        .iter()
-        .map(|(key, value, timestamp)| increment_record(*key, *value, *timestamp))
-        .collect();
-    let producer = producer(&kafka.bootstrap);
-    for chunk in records.chunks(20_000) {
-        produce_all(&producer, chunk);
-    }
-}
-
-fn per_window(records: &[(Uuid, i64, i64)]) -> HashMap<(Uuid, i64), (i64, i64)> {
-    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
-    for (key, value, timestamp) in records {
-        let entry = sums
-            .entry((*key, timestamp.div_euclid(WINDOW_MS) * WINDOW_MS))
-            .or_default();
-        entry.0 += value;
-        entry.1 += 1;
-    }
-    sums
-}
-
-fn stored_per_window(store: &Path) -> HashMap<(Uuid, i64), (i64, i64)> {
-    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
-    for row in block_on(store_rows(store)) {
-        let entry = sums.entry((row.key, row.window_start_ms)).or_default();
-        entry.0 += row.sum;
-        entry.1 += row.count;
-    }
-    sums
-}
 
 fn start_aggregator(kafka: &Kafka, group: &str, store: &Path, log: &Path) -> Proc {
     spawn_aggregator(
@@ -139,8 +93,8 @@ fn verify_with_a_range_stops_past_to_and_compares_only_that_range() {
     let records: Vec<(Uuid, i64, i64)> = (0..120)
         .map(|i| (keys[i % 3], (i % 7 + 1) as i64, base + i as i64 * 500))
         .collect();
-    produce(&kafka, &records);
-    let expected = per_window(&records);
+    produce_increments(&kafka, &records);
+    let expected = per_window(&records, WINDOW_MS);
     wait_for(
         Duration::from_secs(60),
         "the store to hold every window",
@@ -198,7 +152,7 @@ fn verify_on_a_truncated_log_skips_and_counts_the_windows_that_may_hold_deleted_
         .map(|i| (keys[i % keys.len()], (i % 5 + 1) as i64, base + i as i64))
         .collect();
     for (slice, chunk) in records.chunks(5_000).enumerate() {
-        produce(&kafka, chunk);
+        produce_increments(&kafka, chunk);
         let produced = (slice as i64 + 1) * 5_000;
         wait_for(
             Duration::from_secs(60),
@@ -212,7 +166,7 @@ fn verify_on_a_truncated_log_skips_and_counts_the_windows_that_may_hold_deleted_
             },
         );
     }
-    let expected = per_window(&records);
+    let expected = per_window(&records, WINDOW_MS);
     assert_eq!(stored_per_window(&store), expected);
 
     let consumer: BaseConsumer = rdkafka::config::ClientConfig::new()
@@ -287,8 +241,8 @@ fn with_a_retention_old_windows_are_pruned_and_verify_skips_them_instead_of_repo
     let records: Vec<(Uuid, i64, i64)> = (0..4_800)
         .map(|i| (keys[i % 2], 1, base + i as i64 * 100))
         .collect();
-    produce(&kafka, &records);
-    let expected = per_window(&records);
+    produce_increments(&kafka, &records);
+    let expected = per_window(&records, WINDOW_MS);
     let horizon = now_ms() - 300_000;
     let kept = |start: i64| start + WINDOW_MS > horizon;
     // Windows that ended more than five minutes ago are pruned by the aggregator's

@@ -316,3 +316,55 @@ pub fn increment_record(key: Uuid, value: i64, timestamp: i64) -> (Vec<u8>, Vec<
         timestamp,
     )
 }
+
+/// Runs `tally ARGS` to completion, printing what it said (shown when a test fails).
+pub fn run_tally(args: &[&str]) -> std::process::Output {
+    let output = tally().args(args).output().unwrap();
+    eprintln!(
+        "tally {}\n-- stdout\n{}-- stderr\n{}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// Produces valid increments `(key, value, event time)` directly, as a Kafka client
+/// would, and waits for every acknowledgement.
+pub fn produce_increments(kafka: &Kafka, records: &[(Uuid, i64, i64)]) {
+    let producer = producer(&kafka.bootstrap);
+    for chunk in records.chunks(20_000) {
+        let raw: Vec<_> = chunk
+            .iter()
+            .map(|(key, value, timestamp)| increment_record(*key, *value, *timestamp))
+            .collect();
+        produce_all(&producer, &raw);
+    }
+}
+
+/// Per (key, window start): (sum, count) of `records`, all valid and on time.
+pub fn per_window(
+    records: &[(Uuid, i64, i64)],
+    window_ms: i64,
+) -> HashMap<(Uuid, i64), (i64, i64)> {
+    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
+    for (key, value, timestamp) in records {
+        let entry = sums
+            .entry((*key, timestamp.div_euclid(window_ms) * window_ms))
+            .or_default();
+        entry.0 += value;
+        entry.1 += 1;
+    }
+    sums
+}
+
+/// Per (key, window start): (sum, count) the SQLite store at `store` holds.
+pub fn stored_per_window(store: &Path) -> HashMap<(Uuid, i64), (i64, i64)> {
+    let mut sums: HashMap<(Uuid, i64), (i64, i64)> = HashMap::new();
+    for row in block_on(store_rows(store)) {
+        let entry = sums.entry((row.key, row.window_start_ms)).or_default();
+        entry.0 += row.sum;
+        entry.1 += row.count;
+    }
+    sums
+}
