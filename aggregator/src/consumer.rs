@@ -300,8 +300,9 @@ fn consumer_error(
     }
 }
 
-/// Whether the record is an idle marker (`tally.marker` header).
-fn is_marker(message: &BorrowedMessage<'_>) -> bool {
+/// Whether the record is an idle marker (`tally.marker` header). `tally verify` asks
+/// the same question of the records it re-reads.
+pub fn is_marker(message: &impl Message) -> bool {
     message.headers().is_some_and(|headers| {
         headers
             .iter()

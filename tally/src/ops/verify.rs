@@ -25,7 +25,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::json;
 use tally_aggregator::engine::{EngineConfig, PartitionEngine, RecordOutcome, Resume};
@@ -545,25 +545,20 @@ fn recompute(
             }
         };
         let mut done = offset + 1 >= read.end;
-        let is_marker = message.headers().is_some_and(|headers| {
-            headers
-                .iter()
-                .any(|header| header.key == tally_schemas::names::MARKER_HEADER)
-        });
         if let Some(engine) = engine {
-            // Idle markers advance event time as they did for the aggregator.
-            match message.payload().map(decode_increment) {
-                _ if is_marker => engine.marker(offset, timestamp.unwrap_or(-1), now),
-                Some(Ok(increment)) => {
-                    let _: RecordOutcome = engine.record(
-                        offset,
-                        increment.key,
-                        timestamp.unwrap_or(-1),
-                        increment.value,
-                        now,
-                    );
-                }
-                _ => engine.skip(offset),
+            if tally_aggregator::consumer::is_marker(&message) {
+                // Idle markers advance event time as they did for the aggregator.
+                engine.marker(offset, timestamp.unwrap_or(-1), now);
+            } else if let Some(Ok(increment)) = message.payload().map(decode_increment) {
+                let _: RecordOutcome = engine.record(
+                    offset,
+                    increment.key,
+                    timestamp.unwrap_or(-1),
+                    increment.value,
+                    now,
+                );
+            } else {
+                engine.skip(offset);
             }
             // Past `--to`: every later record for a window of the range is late.
             if plan
