@@ -30,9 +30,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support;
 #[path = "../../sink/tests/support/cql_node.rs"]
 mod cql_node;
+mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

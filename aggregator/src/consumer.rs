@@ -332,8 +332,7 @@ fn tally_headers<'a>(message: &'a BorrowedMessage<'_>) -> (bool, Option<&'a [u8]
     for header in headers.iter() {
         if header.key == tally_schemas::names::MARKER_HEADER {
             marker = true;
-        } else if header.key == tally_schemas::names::REDRIVEN_HEADER && redriven_from.is_none()
-        {
+        } else if header.key == tally_schemas::names::REDRIVEN_HEADER && redriven_from.is_none() {
             redriven_from = Some(header.value);
         }
     }

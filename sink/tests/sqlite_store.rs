@@ -972,7 +972,17 @@ async fn large_writes_upsert_every_row_with_the_version_guard() {
     let store = open(dir.path());
     let count = 64 * 3 + 9;
     let first: Vec<WindowRow> = (0..count)
-        .map(|i| row(key(i as u128), (i as i64 % 3) * WINDOW, (i % 4) as i32, 10, 100, false, 0))
+        .map(|i| {
+            row(
+                key(i as u128),
+                (i as i64 % 3) * WINDOW,
+                (i % 4) as i32,
+                10,
+                100,
+                false,
+                0,
+            )
+        })
         .collect();
     store.write_rows(&first).await.unwrap();
     // Even rows: more complete (a higher offset, final); odd rows: stale (a lower offset).
@@ -981,9 +991,20 @@ async fn large_writes_upsert_every_row_with_the_version_guard() {
         .enumerate()
         .map(|(i, r)| {
             if i % 2 == 0 {
-                WindowRow { sum: 20, count: 20, through_offset: 200, is_final: true, ..*r }
+                WindowRow {
+                    sum: 20,
+                    count: 20,
+                    through_offset: 200,
+                    is_final: true,
+                    ..*r
+                }
             } else {
-                WindowRow { sum: 5, count: 5, through_offset: 50, ..*r }
+                WindowRow {
+                    sum: 5,
+                    count: 5,
+                    through_offset: 50,
+                    ..*r
+                }
             }
         })
         .collect();
