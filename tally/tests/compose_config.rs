@@ -21,8 +21,9 @@ use std::process::Command;
 use common::{parse_yaml, read_repo_file, repo_root, tally_bin};
 use yaml_serde::Value;
 
-/// Variables a tally process reads that are not clap settings (so not in `--help`).
-const NON_FLAG_ENV_VARS: [&str; 1] = ["RUST_LOG"];
+/// Variables a tally process reads that are not clap settings (so not in `--help`):
+/// tracing's filter, and glibc's malloc tunables (read by the C library at start).
+const NON_FLAG_ENV_VARS: [&str; 2] = ["RUST_LOG", "GLIBC_TUNABLES"];
 
 fn compose() -> Value {
     parse_yaml(&read_repo_file("docker-compose.yml"), "docker-compose.yml")
