@@ -5,9 +5,10 @@
 //!
 //! ```sh
 //! cargo build --release -p tally --bin tally --example read_bench
-//! target/release/examples/read_bench --backend sqlite --tally target/release/tally
-//! target/release/examples/read_bench --backend cql --tally target/release/tally
+//! target/release/examples/read_bench --backend sqlite,cql --tally target/release/tally
 //! ```
+//!
+//! `--backend` is `sqlite`, `cql`, or both one after the other in one run (`sqlite,cql`).
 //!
 //! Options: `--keys K` (default 60) keys with one row per 10 s window over the last two
 //! days each (60 keys: 1,036,800 rows); `--concurrency C` (16); `--seconds S` (15, per
@@ -296,6 +297,14 @@ async fn check_same(
     assert_eq!(answer["windows"].as_array().map(Vec::len), Some(windows));
 }
 
+/// The 1, 5 and 15 minute load averages: the two cores are shared, so figures
+/// say what else ran.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|text| text.split(' ').take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 struct Ingest(Child);
 
 impl Drop for Ingest {
@@ -353,6 +362,18 @@ fn main() {
     let args = args();
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let brokers = cluster.bootstrap_servers();
+    // One backend after the other, each torn down before the next starts.
+    for backend in args.backend.split(',') {
+        assert!(
+            backend == "sqlite" || backend == "cql",
+            "unknown backend {backend:?} (sqlite, cql or both: sqlite,cql)"
+        );
+        run_backend(&args, backend, &brokers);
+    }
+    drop(cluster);
+}
+
+fn run_backend(args: &Args, backend: &str, brokers: &str) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -363,7 +384,7 @@ fn main() {
 
     // The CQL test node runs on its own thread (kassandra-tester wants a LocalSet).
     let stop = Arc::new(tokio::sync::Notify::new());
-    let node = if args.backend == "cql" {
+    let node = if backend == "cql" {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::clone(&stop);
         let thread = std::thread::spawn(move || {
@@ -430,14 +451,14 @@ fn main() {
         let rows = prefill(&*store, args.keys, end).await;
         eprintln!(
             "{}: {rows} rows written in {:.1?}",
-            args.backend,
+            backend,
             started.elapsed()
         );
 
-        let (ingest, address) = start_ingest(&args, &brokers, &store_url, &extra).await;
+        let (ingest, address) = start_ingest(args, brokers, &store_url, &extra).await;
         println!(
-            "backend {}, {rows} rows, {} keys, concurrency {}, {} s per measurement",
-            args.backend, args.keys, args.concurrency, args.seconds
+            "backend {}, {rows} rows, {} keys, concurrency {}, {} s per measurement, load average {}",
+            backend, args.keys, args.concurrency, args.seconds, load_average()
         );
         println!("| range | path | reads/s | p50 ms | p99 ms | HTTP / bare |");
         println!("|---|---|---:|---:|---:|---:|");
@@ -449,10 +470,10 @@ fn main() {
                 args.keys,
                 range_ms,
                 end,
-                &args,
+                args,
             )
             .await;
-            let http = run_http(address, args.keys, range_ms, end, &args).await;
+            let http = run_http(address, args.keys, range_ms, end, args).await;
             for (path, f) in [("bare loop", bare), ("HTTP", http)] {
                 let ratio = if path == "HTTP" {
                     format!("{:.2}", http.reads_per_s / bare.reads_per_s)
@@ -465,11 +486,11 @@ fn main() {
                 );
             }
         }
+        println!("load average after: {}", load_average());
         drop(ingest);
     });
     stop.notify_one();
     if let Some((_, thread)) = node {
         let _ = thread.join();
     }
-    drop(cluster);
 }
