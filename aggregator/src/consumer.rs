@@ -12,6 +12,7 @@
 //! - [`health`]: what `/readyz` answers;
 //! - [`shell`]: the protocol behind its lock, and the command executor.
 
+mod committer;
 mod dead_letters;
 mod gauges;
 mod health;

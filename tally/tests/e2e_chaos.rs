@@ -6,22 +6,27 @@
 //! once, and `tally verify` finds no difference.
 //!
 //! Every increment has a key of its own, so "counted once" is checked per record.
-//! The mock cluster lives in this process (it is librdkafka's, owned by whoever
-//! creates it); the faults go through its API.
+//! The mock cluster runs in a child process of its own: this test binary started
+//! again with `TALLY_CHAOS_BROKER_CHILD` set, which creates the cluster, prints its
+//! bootstrap servers and then applies one fault command per line of its stdin (the
+//! mock cluster's faults are only reachable through librdkafka's in-process API).
 //!
-//! Not in the default run yet (`#[ignore]`): in one of five runs, on a freshly built,
-//! loaded machine, no aggregator was ever assigned a partition (members killed every
-//! few rounds, the group never settled) and every record was missing; run it with
-//! `cargo test -p tally --test e2e_chaos -- --ignored`.
+//! The aggregators run with `session.timeout.ms=6000`: a SIGKILLed member stays in the
+//! group until its session times out and every rebalance waits for it, so with
+//! librdkafka's 45 s default a run that kills a member every few rounds kept the group
+//! unassigned to the end (seen once in a fresh-clone CI run).
 //!
-//! A fixed seed and 24 rounds (under a minute when it passes). `TALLY_CHAOS_SEED=N` picks
-//! another seed, `TALLY_CHAOS_ROUNDS=N` a longer run.
+//! A fixed seed and 24 rounds in the default run (about a minute). `TALLY_CHAOS_SEED=N`
+//! (decimal or `0x` hex) picks another seed, `TALLY_CHAOS_SEED=random` a new one per
+//! run (printed), `TALLY_CHAOS_ROUNDS=N` a longer run.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
@@ -49,11 +54,32 @@ impl Rng {
     }
 }
 
+/// A number from the environment; a value that is not one stops the test (a typo
+/// must not quietly run the default).
 fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    match std::env::var(name) {
+        Err(_) => default,
+        Ok(text) => parse_number(&text)
+            .unwrap_or_else(|| panic!("{name}={text:?} is not a number (decimal or 0x hex)")),
+    }
+}
+
+fn parse_number(text: &str) -> Option<u64> {
+    match text.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => text.parse().ok(),
+    }
+}
+
+/// `TALLY_CHAOS_SEED`: a number, or `random` for a new one each run (printed).
+fn chaos_seed() -> u64 {
+    match std::env::var("TALLY_CHAOS_SEED").as_deref() {
+        Ok("random") => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+        _ => env_u64("TALLY_CHAOS_SEED", 0x7a11_c4a0),
+    }
 }
 
 #[derive(Default)]
@@ -64,8 +90,85 @@ struct Ledger {
     uncertain: HashMap<Uuid, i64>,
 }
 
+/// Set in the environment of the child process that runs the mock cluster.
+const BROKER_CHILD_ENV: &str = "TALLY_CHAOS_BROKER_CHILD";
+const TEST_NAME: &str =
+    "acknowledged_increments_are_counted_exactly_once_through_kills_outages_and_locks";
+
+/// The mock cluster in a child process, driven one command per line.
+struct Broker {
+    child: std::process::Child,
+    commands: std::process::ChildStdin,
+    replies: std::io::BufReader<std::process::ChildStdout>,
+    bootstrap: String,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
+            .env(BROKER_CHILD_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let commands = child.stdin.take().unwrap();
+        let mut replies = std::io::BufReader::new(child.stdout.take().unwrap());
+        let bootstrap = wait_line(&mut replies, "bootstrap=")
+            .trim_start_matches("bootstrap=")
+            .trim()
+            .to_string();
+        Broker {
+            child,
+            commands,
+            replies,
+            bootstrap,
+        }
+    }
+
+    /// Sends one command and waits until the child has applied it.
+    fn command(&mut self, command: &str) {
+        writeln!(self.commands, "{command}").unwrap();
+        self.commands.flush().unwrap();
+        let reply = wait_line(&mut self.replies, "applied ");
+        assert_eq!(reply.trim(), format!("applied {command}"));
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The child side: the cluster lives until stdin closes (the test ended or died).
+fn run_broker_child() {
+    let kafka = Kafka::start(PARTITIONS);
+    let mut out = std::io::stdout();
+    // libtest has already written "test NAME ... " without a line end.
+    writeln!(out, "\nbootstrap={}", kafka.bootstrap).unwrap();
+    out.flush().unwrap();
+    for line in std::io::stdin().lines() {
+        let line = line.unwrap();
+        let command = line.trim();
+        let mut words = command.split_whitespace();
+        match (words.next(), words.next()) {
+            (Some("down"), None) => (1..=3).for_each(|b| kafka.cluster.broker_down(b).unwrap()),
+            (Some("up"), None) => (1..=3).for_each(|b| kafka.cluster.broker_up(b).unwrap()),
+            (Some("rtt"), Some(ms)) => {
+                let delay = Duration::from_millis(ms.parse().unwrap());
+                (1..=3).for_each(|b| kafka.cluster.broker_round_trip_time(b, delay).unwrap());
+            }
+            _ => panic!("unknown broker command {command:?}"),
+        }
+        writeln!(out, "applied {command}").unwrap();
+        out.flush().unwrap();
+    }
+}
+
 struct Pipeline<'a> {
-    kafka: &'a Kafka,
+    bootstrap: String,
     dir: &'a Path,
     store: std::path::PathBuf,
     ingest_address: String,
@@ -88,7 +191,7 @@ impl Pipeline<'_> {
             "--listen",
             &self.ingest_address,
             "--brokers",
-            &self.kafka.bootstrap,
+            &self.bootstrap,
             "--delivery-timeout",
             "2s",
             "--request-timeout",
@@ -106,11 +209,21 @@ impl Pipeline<'_> {
         let store = self.store.clone();
         self.aggregators[slot] = Some(spawn_aggregator(
             &AggregatorOptions {
-                bootstrap: &self.kafka.bootstrap,
+                bootstrap: &self.bootstrap,
                 group: GROUP,
                 store: &store,
                 metrics_port: free_port(),
-                extra: &["--breaker-probe-interval", "1s", "--retry-max-delay", "1s"],
+                // See the module comment: a killed member must leave the group soon.
+                extra: &[
+                    "--breaker-probe-interval",
+                    "1s",
+                    "--retry-max-delay",
+                    "1s",
+                    "--kafka-option",
+                    "session.timeout.ms=6000",
+                    "--kafka-option",
+                    "heartbeat.interval.ms=500",
+                ],
             },
             &format!("aggregator{slot}"),
             &log,
@@ -124,10 +237,23 @@ impl Pipeline<'_> {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "log"))
             .collect();
-        paths.sort();
+        // "12-aggregator1.log": in start order, not in text order.
+        paths.sort_by_key(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.split('-').next())
+                .and_then(|n| n.parse::<u32>().ok())
+                .unwrap_or(u32::MAX)
+        });
         for path in paths {
             let text = read_log(&path);
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            // Connection refusals during the outages drown everything else.
+            let tail: Vec<&str> = text
+                .lines()
+                .rev()
+                .filter(|l| !l.contains("Connection refused") && !l.contains("AllBrokersDown"))
+                .take(40)
+                .collect();
             out.push_str(&format!("---- {}\n", path.display()));
             for line in tail.iter().rev() {
                 out.push_str(line);
@@ -212,15 +338,18 @@ fn direct_round(producer: &rdkafka::producer::FutureProducer, round: u64, ledger
 }
 
 #[test]
-#[ignore = "not stable yet: on a loaded machine the group stayed unassigned for the whole run (issue 11 note); run with --ignored"]
 fn acknowledged_increments_are_counted_exactly_once_through_kills_outages_and_locks() {
-    let seed = env_u64("TALLY_CHAOS_SEED", 0x7a11_c4a0);
+    if std::env::var_os(BROKER_CHILD_ENV).is_some() {
+        return run_broker_child();
+    }
+    let seed = chaos_seed();
+    println!("chaos seed {seed:#x} (TALLY_CHAOS_SEED={seed:#x} runs it again)");
     let rounds = env_u64("TALLY_CHAOS_ROUNDS", 24);
     let mut rng = Rng(seed);
-    let kafka = Kafka::start(PARTITIONS);
+    let mut kafka = Broker::start();
     let dir = tempfile::tempdir().unwrap();
     let mut pipeline = Pipeline {
-        kafka: &kafka,
+        bootstrap: kafka.bootstrap.clone(),
         dir: dir.path(),
         store: dir.path().join("tally.sqlite"),
         ingest_address: format!("127.0.0.1:{}", free_port()),
@@ -264,33 +393,19 @@ fn acknowledged_increments_are_counted_exactly_once_through_kills_outages_and_lo
                 pipeline.start_ingest();
             }
             3 => {
-                for broker in 1..=3 {
-                    kafka.cluster.broker_down(broker).unwrap();
-                }
+                kafka.command("down");
                 faults.push(format!("round {round}: every broker down for 3 s"));
                 // Requests during the outage end in 503 (uncertain), none is lost.
                 edge_round(&pipeline, round + 2_000, &mut ledger);
                 std::thread::sleep(Duration::from_secs(1));
-                for broker in 1..=3 {
-                    kafka.cluster.broker_up(broker).unwrap();
-                }
+                kafka.command("up");
             }
             4 => {
-                for broker in 1..=3 {
-                    kafka
-                        .cluster
-                        .broker_round_trip_time(broker, Duration::from_millis(150))
-                        .unwrap();
-                }
+                kafka.command("rtt 150");
                 faults.push(format!("round {round}: 150 ms round trips"));
                 edge_round(&pipeline, round + 3_000, &mut ledger);
                 direct_round(&producer, round + 3_000, &mut ledger);
-                for broker in 1..=3 {
-                    kafka
-                        .cluster
-                        .broker_round_trip_time(broker, Duration::ZERO)
-                        .unwrap();
-                }
+                kafka.command("rtt 0");
             }
             5 => {
                 let blocker = rusqlite::Connection::open(&pipeline.store).unwrap();

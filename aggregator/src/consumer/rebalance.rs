@@ -213,6 +213,12 @@ impl AggregatorContext {
         let settled = shell.handle(Event::RevokeSettled {
             partitions: partitions.clone(),
         });
+        let patience = || {
+            deadline
+                .saturating_duration_since(Instant::now())
+                .max(Duration::from_millis(500))
+        };
+        let mut committed = false;
         for command in settled {
             match command {
                 Command::Commit { offsets, .. } if lost => {
@@ -222,15 +228,20 @@ impl AggregatorContext {
                     );
                 }
                 Command::Commit { offsets, .. } => {
-                    let patience = deadline
-                        .saturating_duration_since(Instant::now())
-                        .max(Duration::from_millis(500));
-                    if shell.commit_sync(&offsets, patience) {
+                    // Queued behind any ordinary commit already under way.
+                    committed = true;
+                    if shell.commit_sync(&offsets, patience()) {
                         info!(?partitions, "revoked and committed");
                     }
                 }
                 other => shell.execute(vec![other], consumer),
             }
+        }
+        if !committed && !shell.wait_for_commits(patience()) {
+            warn!(
+                ?partitions,
+                "an offset commit was still under way at the hand-over"
+            );
         }
         for partition in &partitions {
             shell.health.revoked(*partition);

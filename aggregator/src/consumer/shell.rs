@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use tally_schemas::Checkpoint;
 use tally_sink::store::CheckpointScope;
@@ -20,6 +20,7 @@ use tally_sink::WindowStore;
 use tokio::sync::{mpsc, Notify};
 use tracing::{error, info, warn};
 
+use super::committer::{self, CommitJob, CommitTarget, COMMIT_QUEUE};
 use super::dead_letters::DeadLetters;
 use super::health::Health;
 use super::rebalance::AggregatorContext;
@@ -80,12 +81,8 @@ pub(crate) struct Shell {
     stopped: AtomicBool,
     pub runtime: tokio::runtime::Handle,
     /// The commit thread's queue (see [`Shell::start_committer`]).
-    committer: OnceLock<std::sync::mpsc::SyncSender<Vec<(i32, Checkpoint)>>>,
+    committer: OnceLock<std::sync::mpsc::SyncSender<CommitJob>>,
 }
-
-/// Commits waiting for the commit thread. The protocol keeps at most one commit per
-/// partition in flight, so this is only reached when the thread is stuck.
-const COMMIT_QUEUE: usize = 4;
 
 impl Shell {
     #[allow(clippy::too_many_arguments)]
@@ -118,71 +115,15 @@ impl Shell {
         }
     }
 
-    /// Starts the thread that runs the protocol's ordinary commits. librdkafka reports
-    /// no result for a manual asynchronous commit when its event API is used (as
-    /// rust-rdkafka's consumers do: no offset-commit callback is ever called), and the
-    /// protocol must learn every result, so commits run synchronously there, one at a
-    /// time, without blocking the loop.
+    /// Starts the commit thread (see [`super::committer`]).
     pub fn start_committer(self: &Arc<Self>) -> std::io::Result<()> {
-        let (queue, commits) =
-            std::sync::mpsc::sync_channel::<Vec<(i32, Checkpoint)>>(COMMIT_QUEUE);
+        let (queue, jobs) = std::sync::mpsc::sync_channel::<CommitJob>(COMMIT_QUEUE);
         let shell = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("tally-committer".into())
-            .spawn(move || {
-                while let Ok(offsets) = commits.recv() {
-                    let Some(shell) = shell.upgrade() else {
-                        return;
-                    };
-                    shell.commit_and_report(&offsets);
-                }
-            })?;
+            .spawn(move || committer::serve(jobs, move || shell.upgrade()))?;
         let _ = self.committer.set(queue);
         Ok(())
-    }
-
-    /// One synchronous commit on the commit thread, its result handed to the protocol.
-    fn commit_and_report(self: &Arc<Self>, offsets: &[(i32, Checkpoint)]) {
-        // A partition revoked since the commit was queued was committed by its revoke
-        // (synchronously, with a newer checkpoint): committing the older one after it
-        // would move the group back. (A commit already on its way when a revoke
-        // settles can still land first; it is an older checkpoint, just as correct,
-        // and the next owner rebuilds exactly from it.)
-        let owned = self.protocol().owned();
-        let offsets: Vec<(i32, Checkpoint)> = offsets
-            .iter()
-            .filter(|(partition, _)| owned.contains(partition))
-            .copied()
-            .collect();
-        if offsets.is_empty() {
-            return;
-        }
-        let offsets = offsets.as_slice();
-        let consumer = self.consumer();
-        let ok = match (&consumer, self.commit_list(offsets)) {
-            (Some(consumer), Ok(list)) => match consumer.commit(&list, CommitMode::Sync) {
-                Ok(()) => true,
-                Err(err) => {
-                    warn!(%err, "offset commit failed; retried at the next flush");
-                    false
-                }
-            },
-            (None, _) => false,
-            (_, Err(err)) => {
-                warn!(%err, "offset commit could not be built; retried at the next flush");
-                false
-            }
-        };
-        self.count_commit(offsets, ok);
-        let results = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
-        let commands = self.handle(Event::CommitResult {
-            offsets: results,
-            ok,
-        });
-        match consumer {
-            Some(consumer) => self.execute(commands, consumer.as_ref()),
-            None => self.execute(commands, &NoKafka),
-        }
     }
 
     fn count_commit(&self, offsets: &[(i32, Checkpoint)], ok: bool) {
@@ -339,12 +280,13 @@ impl Shell {
         Ok(list)
     }
 
-    /// The result arrives through the consumer's commit callback.
+    /// Queued for the commit thread, which hands the result to the protocol.
     fn commit_async(self: &Arc<Self>, offsets: &[(i32, Checkpoint)], kafka: &dyn KafkaHandle) {
-        let queued = self
-            .committer
-            .get()
-            .is_some_and(|queue| queue.try_send(offsets.to_vec()).is_ok());
+        let queued = self.committer.get().is_some_and(|queue| {
+            queue
+                .try_send(CommitJob::Ordinary(offsets.to_vec()))
+                .is_ok()
+        });
         if !queued {
             self.metrics.commits.with_label_values(&["error"]).inc();
             warn!("offset commit could not be queued; retried at the next flush");
@@ -354,45 +296,59 @@ impl Shell {
         }
     }
 
-    /// A synchronous commit that gives up after `patience` (the consumer keeps trying
-    /// in the background; whatever it achieves is only ever a correct commit).
+    /// A commit on the commit thread, after every commit queued before it, waited for
+    /// at most `patience` (if it runs later, it is still a correct commit, and no
+    /// ordinary commit of these partitions can follow it: they are no longer owned).
     pub fn commit_sync(
         self: &Arc<Self>,
         offsets: &[(i32, Checkpoint)],
         patience: Duration,
     ) -> bool {
-        let (Some(consumer), Ok(list)) = (self.consumer(), self.commit_list(offsets)) else {
-            warn!("no consumer to commit with; the next owner replays");
-            return false;
-        };
         let (done, result) = std::sync::mpsc::sync_channel(1);
-        let spawned = std::thread::Builder::new()
-            .name("tally-commit".into())
-            .spawn(move || {
-                let _ = done.send(consumer.commit(&list, CommitMode::Sync));
-            });
-        if let Err(err) = spawned {
-            warn!(%err, "could not start the commit thread");
-            return false;
-        }
-        let ok = match result.recv_timeout(patience) {
-            Ok(Ok(())) => true,
-            Ok(Err(err)) => {
-                warn!(%err, "commit failed; the next owner replays");
-                false
-            }
-            Err(_) => {
-                warn!(
-                    ?patience,
-                    "commit did not finish in time; the next owner replays"
-                );
-                false
+        let job = CommitJob::Final {
+            offsets: offsets.to_vec(),
+            done,
+        };
+        let ok = if !self.queue_job(job) {
+            warn!("commit could not be queued; the next owner replays");
+            false
+        } else {
+            match result.recv_timeout(patience) {
+                Ok(Ok(())) => true,
+                Ok(Err(err)) => {
+                    warn!(%err, "commit failed; the next owner replays");
+                    false
+                }
+                Err(_) => {
+                    warn!(
+                        ?patience,
+                        "commit did not finish in time; the next owner replays"
+                    );
+                    false
+                }
             }
         };
         self.count_commit(offsets, ok);
         let offsets = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
         let _ = self.handle(Event::CommitResult { offsets, ok });
         ok
+    }
+
+    /// Waits (at most `patience`) until every commit queued so far is done: a revoke
+    /// that hands partitions over without a commit of its own calls this, so that an
+    /// ordinary commit under way cannot land after the next owner's.
+    pub fn wait_for_commits(&self, patience: Duration) -> bool {
+        let (done, finished) = std::sync::mpsc::sync_channel(1);
+        self.queue_job(CommitJob::Barrier { done }) && finished.recv_timeout(patience).is_ok()
+    }
+
+    /// Queues a job for the commit thread without waiting: the queue is only full
+    /// while the thread is stuck in a commit, and revokes and the shutdown must stay
+    /// bounded (the queued ordinary commits skip partitions revoked meanwhile).
+    fn queue_job(&self, job: CommitJob) -> bool {
+        self.committer
+            .get()
+            .is_some_and(|queue| queue.try_send(job).is_ok())
     }
 
     /// Something the aggregator cannot go on under: stop without committing (a
@@ -403,6 +359,39 @@ impl Shell {
             self.health.set_fatal(reason);
         }
         self.progress.notify_waiters();
+    }
+}
+
+impl CommitTarget for Arc<Shell> {
+    fn owned(&self) -> Vec<i32> {
+        self.protocol().owned()
+    }
+
+    fn commit(&self, offsets: &[(i32, Checkpoint)]) -> KafkaResult<()> {
+        let consumer = self
+            .consumer()
+            .ok_or_else(|| KafkaError::ClientCreation("the consumer is gone".to_string()))?;
+        consumer.commit(&self.commit_list(offsets)?, CommitMode::Sync)
+    }
+
+    fn ordinary_done(&self, offsets: &[(i32, Checkpoint)], result: KafkaResult<()>) {
+        let ok = match result {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(%err, "offset commit failed; retried at the next flush");
+                false
+            }
+        };
+        self.count_commit(offsets, ok);
+        let results = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
+        let commands = self.handle(Event::CommitResult {
+            offsets: results,
+            ok,
+        });
+        match self.consumer() {
+            Some(consumer) => self.execute(commands, consumer.as_ref()),
+            None => self.execute(commands, &NoKafka),
+        }
     }
 }
 

@@ -4,14 +4,17 @@
 //! checkpoints to write, when an offset may be committed (and with which metadata),
 //! what a revoked partition does, where an assigned partition resumes, what a lost
 //! range of offsets does, and when the aggregator must stop. It owns one window
-//! [`PartitionEngine`] per owned partition. It does no I/O, reads no clock (time
-//! arrives in the events) and knows nothing of rdkafka or tokio: the consumer shell
-//! (`crate::consumer`) translates Kafka and store events into [`Event`]s and executes
-//! the [`Command`]s, and the property test (`tests/engine_model.rs`) drives the very
-//! same type against a simulated log, store and group.
+//! [`PartitionEngine`](crate::engine::PartitionEngine) per owned partition. It does
+//! no I/O, reads no clock (time arrives in the events) and knows nothing of rdkafka
+//! or tokio: the consumer shell (`crate::consumer`) translates Kafka and store
+//! events into [`Event`]s and executes the [`Command`]s, and the property test
+//! (`tests/engine_model.rs`) drives the very same type against a simulated log, store
+//! and group.
 //!
 //! # Layout
-//! - this file: [`Protocol`], [`Event`], [`Command`] and the rules that span partitions;
+//! - this file: [`Protocol`], its records, flushes, commits and dead letters;
+//! - `messages`: [`Event`], [`Command`] and what they carry;
+//! - `ownership`: assignment, revokes, lost offsets;
 //! - [`partition`]: the state of one owned partition (engine, assignment epoch,
 //!   flushes not yet durable, the committable checkpoint, unacknowledged letters);
 //! - [`resume`]: where an assigned partition resumes (commit metadata vs store
@@ -48,17 +51,21 @@
 //!    unreadable store checkpoint, a permanent store error or a dead letter that can
 //!    never be delivered: stop, uncommitted.
 
+mod messages;
+mod ownership;
 pub mod partition;
 pub mod replay;
 pub mod resume;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use tally_schemas::{decode_increment, Checkpoint, RejectReason, SumSettings};
-use tally_sink::WindowRow;
+use tally_schemas::{decode_increment, RejectReason, SumSettings};
 
-use crate::engine::{EngineConfig, PartitionEngine, RecordOutcome, Resume};
-use partition::{Committed, LostRange, PartitionState, Phase};
+use crate::engine::{EngineConfig, RecordOutcome};
+pub use messages::{
+    AssignedPartition, Command, DeadLetterOut, Event, HandOver, Record, WriteBatch,
+};
+use partition::{PartitionState, Phase};
 pub use resume::{CommittedOffset, ResumeDecision, ResumeSource, StartAt, StoreCheckpoints};
 
 /// Identifies one store write (a flush, or the last flush of revoked partitions).
@@ -93,187 +100,6 @@ pub struct ProtocolConfig {
 pub struct IdleMarkers {
     pub idle_after_ms: i64,
     pub stamp_lag_ms: i64,
-}
-
-/// One record as read from the input topic.
-#[derive(Debug, Clone, Copy)]
-pub struct Record<'a> {
-    pub partition: i32,
-    pub offset: i64,
-    /// The record's CreateTime (event time), if it has one.
-    pub timestamp_ms: Option<i64>,
-    pub key: Option<&'a [u8]>,
-    pub value: Option<&'a [u8]>,
-    /// The `tally.redriven-from` header, if `tally dlq redrive` put the record back.
-    pub redriven_from: Option<&'a [u8]>,
-    /// The record carries the `tally.marker` header: an idle marker, not an increment.
-    pub marker: bool,
-}
-
-/// What the broker and the store say about one newly assigned partition.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AssignedPartition {
-    pub partition: i32,
-    pub committed: CommittedOffset,
-    pub store: StoreCheckpoints,
-}
-
-/// Everything that happens to the aggregator.
-#[derive(Debug, Clone)]
-pub enum Event<'a> {
-    /// A record of an owned partition; `now_ms` is the wall clock (only the
-    /// future-timestamp check and freshness use it).
-    Record {
-        record: Record<'a>,
-        now_ms: i64,
-    },
-    /// Time to flush changed windows (and to retry commits and dead letters).
-    FlushTick {
-        now_ms: i64,
-    },
-    /// A [`Command::WriteRows`] is durable: its rows, then its checkpoint rows.
-    Written {
-        flush: FlushId,
-    },
-    /// A write failed in a way retrying cannot fix (schema mismatch, bad
-    /// configuration). Transient failures are retried by the writer.
-    WriteFailed {
-        flush: FlushId,
-        error: String,
-    },
-    /// The store stopped (circuit open) or started (probe succeeded) taking writes.
-    StoreAvailability {
-        available: bool,
-    },
-    LetterAcked {
-        id: LetterId,
-    },
-    /// `permanent`: the letter can never be delivered (too large, topic missing,
-    /// not authorised); otherwise it is retried at the next tick.
-    LetterFailed {
-        id: LetterId,
-        permanent: bool,
-        error: String,
-    },
-    Assigned {
-        partitions: Vec<AssignedPartition>,
-    },
-    /// The store checkpoint of an assigned partition could not be read.
-    AssignLookupFailed {
-        partition: i32,
-        error: String,
-    },
-    /// Partitions are being taken away: make their last flush.
-    Revoked {
-        partitions: Vec<i32>,
-    },
-    /// The revoke's waiting time is over (everything settled or the deadline
-    /// passed): commit what may be committed, hand the rest over, drop the state.
-    RevokeSettled {
-        partitions: Vec<i32>,
-    },
-    /// The result of a [`Command::Commit`].
-    CommitResult {
-        offsets: Vec<(i32, i64)>,
-        ok: bool,
-    },
-    /// The broker reported an offset out of range; these are the partition's
-    /// available offsets `[log_start, log_end)`.
-    LogRange {
-        partition: i32,
-        log_start: i64,
-        log_end: i64,
-    },
-    /// Stop: the last flush of every owned partition, like a revoke of all of them.
-    Shutdown,
-}
-
-/// A dead letter to produce (the shell adds the source topic).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterOut {
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub reason: RejectReason,
-    pub error: String,
-    pub partition: i32,
-    pub offset: i64,
-    pub timestamp_ms: Option<i64>,
-    pub redriven_from: Option<Vec<u8>>,
-}
-
-/// Rows and checkpoint rows to write, in that order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WriteBatch {
-    pub flush: FlushId,
-    pub rows: Vec<WindowRow>,
-    pub checkpoints: Vec<(i32, Checkpoint)>,
-}
-
-/// Why a revoked partition was handed over without a commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HandOver {
-    /// A flush holding its rows was not durable by the deadline.
-    FlushNotDurable,
-    /// Dead letters were not acknowledged by the deadline.
-    LettersUnacknowledged,
-    /// Nothing committable yet (an external reset whose anchor was not read).
-    NoCheckpoint,
-    /// The partition halted on lost offsets.
-    Halted,
-}
-
-/// What the shell must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
-    /// Start reading the assigned partitions where these decisions say
-    /// ([`ResumeDecision::start`]).
-    Assign {
-        positions: Vec<(i32, ResumeDecision)>,
-    },
-    WriteRows(WriteBatch),
-    SendLetter {
-        id: LetterId,
-        letter: DeadLetterOut,
-    },
-    /// Commit these offsets, each with its checkpoint as metadata. `sync`: during a
-    /// revoke or shutdown, before the partitions are handed over.
-    Commit {
-        offsets: Vec<(i32, Checkpoint)>,
-        sync: bool,
-    },
-    Pause {
-        partitions: Vec<i32>,
-    },
-    Resume {
-        partitions: Vec<i32>,
-    },
-    /// Read the partition from this offset on (after accepting lost offsets).
-    Seek {
-        partition: i32,
-        offset: i64,
-    },
-    HandOverUncommitted {
-        partition: i32,
-        why: HandOver,
-    },
-    /// Offsets `[from, to)` vanished before they were read (`accepted`: continuing,
-    /// frozen; otherwise the partition halted).
-    OffsetsLost {
-        partition: i32,
-        from: i64,
-        to: i64,
-        accepted: bool,
-    },
-    /// Append an idle marker stamped `timestamp_ms` to `partition` of the input topic
-    /// (best effort: a lost marker only delays the close until the next one).
-    SendMarker {
-        partition: i32,
-        timestamp_ms: i64,
-    },
-    /// Stop without committing anything more; a restart replays from the last commit.
-    Stop {
-        error: ProtocolError,
-    },
 }
 
 /// Why the aggregator must stop.
@@ -759,210 +585,6 @@ impl Protocol {
             return;
         }
         self.letters_to_retry.push_back(id);
-    }
-
-    // ------------------------------------------------------------ rebalances
-
-    fn on_assigned(&mut self, assigned: Vec<AssignedPartition>, out: &mut Vec<Command>) {
-        let configured = self.config.engine.sum_settings();
-        let mut positions = Vec::with_capacity(assigned.len());
-        // External resets claim their generation in the store before anything else.
-        let mut claims = WriteBatch {
-            flush: self.next_flush,
-            rows: Vec::new(),
-            checkpoints: Vec::new(),
-        };
-        for partition in assigned {
-            let decision = resume::decide(&partition.committed, partition.store);
-            if let Some(pinned) = decision.checkpoint().and_then(|c| c.settings) {
-                if pinned != configured {
-                    let error = ProtocolError::SettingsMismatch {
-                        partition: partition.partition,
-                        pinned,
-                        configured,
-                    };
-                    self.stop(error, out);
-                    return;
-                }
-            }
-            let committed = match &partition.committed {
-                CommittedOffset::At { offset, .. } => Some(Committed {
-                    offset: *offset,
-                    with_state: decision.source != ResumeSource::ExternalReset,
-                }),
-                CommittedOffset::None => None,
-            };
-            let latest_generation = partition.store.latest.map_or(0, |latest| latest.generation);
-            let epoch = self.next_epoch;
-            self.next_epoch += 1;
-            let engine =
-                PartitionEngine::new(self.config.engine, partition.partition, decision.resume);
-            let mut state = PartitionState::new(engine, epoch, committed, latest_generation);
-            if let Resume::ExternalReset {
-                next_offset,
-                generation,
-            } = decision.resume
-            {
-                let claim = Checkpoint::reset_claim(next_offset, generation, Some(configured));
-                state.claim_reset(partition.partition, claim, &mut claims);
-            }
-            self.partitions.insert(partition.partition, state);
-            positions.push((partition.partition, decision));
-        }
-        let paused: Vec<i32> = positions.iter().map(|(p, _)| *p).collect();
-        out.push(Command::Assign { positions });
-        if !claims.checkpoints.is_empty() {
-            self.next_flush += 1;
-            out.push(Command::WriteRows(claims));
-        }
-        if !self.store_available && !paused.is_empty() {
-            out.push(Command::Pause { partitions: paused });
-        }
-    }
-
-    fn on_revoked(&mut self, partitions: &[i32], out: &mut Vec<Command>) {
-        let flush = self.next_flush;
-        let mut batch = WriteBatch {
-            flush,
-            rows: Vec::new(),
-            checkpoints: Vec::new(),
-        };
-        for partition in partitions {
-            if let Some(state) = self.partitions.get_mut(partition) {
-                if state.phase == Phase::Active {
-                    state.flush_into(*partition, flush, true, &mut batch);
-                    state.phase = Phase::Revoking;
-                }
-            }
-        }
-        if batch.rows.is_empty() && batch.checkpoints.is_empty() {
-            return;
-        }
-        self.next_flush += 1;
-        out.push(Command::WriteRows(batch));
-    }
-
-    fn on_revoke_settled(&mut self, partitions: &[i32], out: &mut Vec<Command>) {
-        let mut offsets = Vec::new();
-        for partition in partitions {
-            let Some(state) = self.partitions.remove(partition) else {
-                continue;
-            };
-            let (commit, why) = state.settle();
-            if let Some(checkpoint) = commit {
-                offsets.push((*partition, checkpoint));
-            }
-            if let Some(why) = why {
-                out.push(Command::HandOverUncommitted {
-                    partition: *partition,
-                    why,
-                });
-            }
-            // Letters of a dropped partition are re-judged and re-sent by its next
-            // owner: forget them so they do not hold reading back.
-            let epoch = state.epoch;
-            self.letters.retain(|_, letter| {
-                !(letter.letter.partition == *partition && letter.epoch == epoch)
-            });
-        }
-        let letters = &self.letters;
-        self.letters_to_retry.retain(|id| letters.contains_key(id));
-        if !offsets.is_empty() {
-            out.push(Command::Commit {
-                offsets,
-                sync: true,
-            });
-        }
-    }
-
-    // ------------------------------------------------------------ lost offsets
-
-    fn on_log_range(
-        &mut self,
-        partition: i32,
-        log_start: i64,
-        log_end: i64,
-        out: &mut Vec<Command>,
-    ) {
-        let accept = self.config.accept_data_loss;
-        let engine_config = self.config.engine;
-        let Some(state) = self.partitions.get_mut(&partition) else {
-            return;
-        };
-        if state.phase != Phase::Active || state.halted.is_some() {
-            return;
-        }
-        let expected = state.engine.next_offset();
-        // Below the log start: deleted before they were read. Beyond the log end:
-        // the log was truncated or recreated; what follows is not what was counted.
-        let lost = if log_start > expected {
-            Some(LostRange {
-                from: expected,
-                to: log_start,
-            })
-        } else if expected > log_end {
-            Some(LostRange {
-                from: log_end,
-                to: expected,
-            })
-        } else {
-            None
-        };
-        let Some(range) = lost else {
-            return;
-        };
-        *self.stats.lost_offsets.entry(partition).or_insert(0) +=
-            u64::try_from(range.to - range.from).unwrap_or(u64::MAX);
-        out.push(Command::OffsetsLost {
-            partition,
-            from: range.from,
-            to: range.to,
-            accepted: accept,
-        });
-        if !accept {
-            state.halted = Some(range);
-            out.push(Command::Pause {
-                partitions: vec![partition],
-            });
-            return;
-        }
-        // Continue at the log start, knowing nothing of what came before, with a
-        // generation above every earlier one: exactly an external reset. What this
-        // engine already counted is flushed first (it is before the gap).
-        let restart_at = log_start.min(log_end);
-        let generation = state
-            .engine
-            .generation()
-            .max(state.latest_generation)
-            .saturating_add(1);
-        state.latest_generation = generation;
-        let carried = state.engine.flush().rows;
-        state.carried_rows.extend(carried);
-        state.engine = PartitionEngine::new(
-            engine_config,
-            partition,
-            Resume::ExternalReset {
-                next_offset: restart_at,
-                generation,
-            },
-        );
-        let mut claim = WriteBatch {
-            flush: self.next_flush,
-            rows: Vec::new(),
-            checkpoints: Vec::new(),
-        };
-        let settings = Some(engine_config.sum_settings());
-        state.claim_reset(
-            partition,
-            Checkpoint::reset_claim(restart_at, generation, settings),
-            &mut claim,
-        );
-        self.next_flush += 1;
-        out.push(Command::WriteRows(claim));
-        out.push(Command::Seek {
-            partition,
-            offset: restart_at,
-        });
     }
 
     fn stop(&mut self, error: ProtocolError, out: &mut Vec<Command>) {

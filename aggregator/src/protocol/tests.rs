@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use super::*;
+use tally_schemas::Checkpoint;
 use uuid::Uuid;
 
 const NOW: i64 = 1_000_000;
