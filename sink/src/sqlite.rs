@@ -911,6 +911,7 @@ fn sqlite_error(err: rusqlite::Error) -> SinkError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
