@@ -102,13 +102,16 @@ PREFILL="$("$EXAMPLES/prefill" "$BROKERS" increments "$RECORDS" "$RECORDS" 20000
 echo "prefill: $PREFILL" >&2
 [[ "$(field key_windows "$PREFILL")" == "$RECORDS" ]] || { echo "prefill did not open $RECORDS key-windows" >&2; exit 1; }
 
+# Idle markers off (--idle-after 0s): once the topic is read, the partitions are idle,
+# and a marker would close every window (emptying the engine) before the figures are
+# taken whenever the run is slower than the window's remaining wall-clock time.
 start_aggregator() { # name topic port [VAR=value for its environment]
   local with_env=(env)
   [[ -z "${4:-}" ]] || with_env+=("$4")
   # shellcheck disable=SC2086
   "${with_env[@]}" "$TALLY" aggregator --brokers "$BROKERS" --topic "$2" --dlq-topic increments.dlq \
     --group "memory-$1-$$" --store "sqlite://$WORK_DIR/$1.sqlite" --flush-interval 1s \
-    --kafka-option fetch.wait.max.ms=10 --metrics-listen "127.0.0.1:$3" ${BENCH_AGGREGATOR_ARGS:-} \
+    --kafka-option fetch.wait.max.ms=10 --metrics-listen "127.0.0.1:$3" --idle-after 0s ${BENCH_AGGREGATOR_ARGS:-} \
     >"$WORK_DIR/$1.log" 2>&1 &
   PIDS+=("$!")
 }

@@ -20,28 +20,27 @@ DATA="$1"
 RECORDS="${2//_/}"
 
 perf script -i "$DATA" -F comm,tid,period,ip,sym,dso 2>/dev/null | awk -v records="$RECORDS" '
-function stage_of_loop(    i, f, in_judge) {
-  in_judge = 0
-  for (i = 1; i <= n; i++) if (frame[i] ~ /Loop::judge|Loop::on_message/) in_judge = 1
+function stage_of_loop(    i, f) {
   for (i = 1; i <= n; i++) {
     f = frame[i]
-    if (f ~ /tally_schemas::increment|serde_json|serde_core|uuid::parser/) return "decode (serde_json, UUID parse, contract rules)"
+    if (f ~ /tally_schemas::increment|serde_json|serde_core|uuid::parser/) return "decode (fast path, serde fallback, contract rules)"
     if (f ~ /PartitionEngine::record/) return "engine: PartitionEngine::record"
-    if (f ~ /PartitionEngine::flush|Loop::take_flush/) return "engine: flush (take_flush, once per tick)"
-    if (f ~ /consumer::now_ms/) return "now_ms() per record (clock_gettime)"
-    if (in_judge && f ~ /Shared::partitions|futex::Mutex|MutexGuard|pthread_mutex|Mutex<T>::lock/) return "per-record lock of the partition map"
+    if (f ~ /PartitionEngine::flush|on_flush_tick|take_flush/) return "engine/protocol: flush (once per tick)"
+    if (f ~ /consumer::now_ms/) return "now_ms() (once per batch)"
+    if (f ~ /WakerSlab|slab::/) return "recv: waker slot (un)registration"
+    if (f ~ /drop_in_place<rdkafka::message::BorrowedMessage|rd_kafka_message_destroy|rd_kafka_op_destroy|rd_kafka_event_destroy|drop_in_place<alloc::vec::Vec<rdkafka::message::BorrowedMessage/) return "dropping each message (rd_kafka_op free)"
+    if (f ~ /poll_queue|poll_event|rd_kafka_q_pop|rd_kafka_q_serve|rd_kafka_consume|rd_kafka_queue_poll|handle_fetch_event|MessageStream|StreamConsumer<C,R>::recv/) return "recv: librdkafka queue pop"
+    if (f ~ /consumer::is_marker|consumer::redriven_from|rd_kafka_message_headers|rd_kafka_header/) return "header checks (marker, redriven-from)"
+    if (f ~ /Message>::timestamp|rd_kafka_message_timestamp/) return "message timestamp"
     if (f ~ /prometheus::/) return "metrics counters"
-    if (f ~ /drop_in_place<rdkafka::message::BorrowedMessage>|rd_kafka_message_destroy|rd_kafka_op_s>>|rd_kafka_op_destroy/) return "dropping each message (rd_kafka_op free)"
-    if (f ~ /StreamConsumer<C,R>::recv|MessageStream|poll_queue|rd_kafka_q_pop|rd_kafka_q_serve|rd_kafka_consume|Client<C>::poll_event|rd_kafka_poll/) return "recv: librdkafka queue pop (StreamConsumer::recv)"
-    if (f ~ /tally::shutdown|tokio::signal/) return "select!: shutdown-signal arm, polled per record"
-    if (f ~ /Shared::fatal/) return "select!: fatal() mutex check per record"
+    if (f ~ /Gauges::update/) return "gauges (once per tick)"
+    if (f ~ /Protocol::on_record/) return "protocol: on_record rest (partition lookup, stats)"
+    if (f ~ /Shell::protocol|futex::Mutex|MutexGuard|pthread_mutex|Mutex<T>::lock/) return "protocol lock"
+    if (f ~ /Shell::execute|queue_write|commit_async/) return "executing commands"
+    if (f ~ /consumer::records/) return "records(): batch loop rest"
     if (f ~ /tokio::time|Interval/) return "select!: flush-timer arm"
-    if (f ~ /FuturesUnordered|JoinHandle/) return "select!: dead-letter and write-done arms"
-    if (f ~ /Loop::commit|rd_kafka_commit|CommitMode/) return "commit (synchronous, once per flush)"
-    if (f ~ /update_gauges/) return "gauges (once per tick)"
-    if (f ~ /finish_write|start_write|flush_cycle/) return "flush bookkeeping (once per tick)"
-    if (f ~ /Loop::judge|Loop::on_message/) return "judge: rest (offset check, match, DLQ path)"
-    if (f ~ /Loop::run/) return "loop and select! machinery: rest"
+    if (f ~ /tally::shutdown|tokio::signal/) return "select!: shutdown arm"
+    if (f ~ /consumer::consume/) return "loop and select! machinery: rest"
   }
   return "other (runtime, kernel outside the above)"
 }
@@ -79,8 +78,8 @@ BEGIN { RS = ""; FS = "\n" }
   else if (comm ~ /tokio/) role = "tokio workers (other tasks)"
   else if (comm ~ /producer/) role = "dead-letter producer poll thread"
   else role = "consumer loop (main thread)"
-  # the main thread is the one running Loop::run
-  if (role ~ /tokio workers/) for (i = 1; i <= n; i++) if (frame[i] ~ /Loop::run/) { role = "consumer loop (main thread)"; break }
+  # the loop thread is the one running consumer::consume
+  if (role ~ /tokio workers/) for (i = 1; i <= n; i++) if (frame[i] ~ /consumer::consume/) { role = "consumer loop (main thread)"; break }
   cpu[role] += period
   total += period
   if (role ~ /^consumer loop/) loop_stage[stage_of_loop()] += period

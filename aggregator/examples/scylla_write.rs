@@ -5,8 +5,11 @@
 //! Usage: `scylla_write [ROWS_PER_PHASE=200000] [CONCURRENCY=256] [ROWS_PER_CALL=50000] [ROUNDS=2]`
 //!
 //! The node is kassandra-tester (an in-memory CQL node, see
-//! /work/shared/notes/cql-test-node.md) on a thread of its own, so it gets one core
-//! and the clients the other. Phases alternate, `ROUNDS` times each, every phase
+//! /work/shared/notes/cql-test-node.md) behind the proxy of
+//! `sink/tests/support/cql_node.rs` (seeded so the driver finds it; the proxy
+//! completes the PREPARED answers the node's parser gets wrong), both on a thread of
+//! their own, so they get one core and the clients the other; both phases go
+//! through the proxy. Phases alternate, `ROUNDS` times each, every phase
 //! with fresh keys (so each writes new rows into a node of similar size):
 //! - `plain`: one `scylla::Session`, the INSERT the backend prepares, each row bound
 //!   and given its version as the write timestamp, executed in the pattern of the
@@ -27,20 +30,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "../../sink/tests/support/cql_node.rs"]
+mod cql_node;
 mod support;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use kassandra_tester::kassandra::frame::request::query::Query;
-use kassandra_tester::kassandra::KassandraSession;
-use kassandra_tester::KassandraTester;
 use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::Consistency;
 use scylla::value::CqlTimestamp;
 use support::{arg, SplitMix64, WINDOW_MS};
+use tally_sink::row::bucket_of;
 use tally_sink::scylla_store::ScyllaStore;
 use tally_sink::store::ScyllaOptions;
 use tally_sink::{WindowRow, WindowStore};
@@ -49,10 +52,6 @@ use uuid::Uuid;
 const USAGE: &str =
     "usage: scylla_write [ROWS_PER_PHASE=200000] [CONCURRENCY=256] [ROWS_PER_CALL=50000] [ROUNDS=2]";
 const KEYSPACE: &str = "tally_bench";
-/// The seed row the driver needs to find the node (see the note).
-const PEER_SEED: &str = "INSERT INTO system.peers (peer, host_id, rpc_address, data_center, rack, tokens, schema_version) \
-     VALUES ('127.0.0.1', aa1f1ae0-469d-4abf-ae3f-ecb7a17132fe, '127.0.0.1', 'datacenter1', 'rack', ['0'], \
-     0b1c3252-f787-4099-8594-157323b71789)";
 const T0: i64 = 1_790_000_000_000;
 
 /// CPU seconds (user + system) of a thread of this process, or of the whole process.
@@ -72,8 +71,9 @@ fn cpu_seconds(task: Option<&str>) -> anyhow::Result<f64> {
     Ok(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
-/// Starts the CQL node on its own thread; returns its address and thread id, and a
-/// sender that stops it.
+/// Starts the CQL node (behind the proxy the sink's CQL tests use) on a thread of
+/// its own; returns the proxy's address, the thread's id (node and proxy share it),
+/// and a sender that stops it.
 fn start_node() -> anyhow::Result<(
     std::net::SocketAddr,
     String,
@@ -81,6 +81,7 @@ fn start_node() -> anyhow::Result<(
 )> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_rx = std::sync::Mutex::new(Some(stop_rx));
     std::thread::Builder::new()
         .name("cql-node".into())
         .spawn(move || {
@@ -88,31 +89,22 @@ fn start_node() -> anyhow::Result<(
                 .ok()
                 .and_then(|path| path.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_default();
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("node runtime");
-            let local = tokio::task::LocalSet::new();
-            local.block_on(&runtime, async move {
-                let mut node = KassandraSession::new();
-                node.process(Query::simple(PEER_SEED).expect("seed parses"))
-                    .expect("seed insert");
-                let stop = std::cell::RefCell::new(Some(stop_rx));
+            let served = cql_node::with_cql_node(move |addr| {
                 let ready = ready_tx.clone();
                 let tid = tid.clone();
-                let _ = KassandraTester::new(node)
-                    .in_scope(|addr| {
-                        let _ = ready.send((addr, tid.clone()));
-                        let stop = stop.borrow_mut().take();
-                        async move {
-                            if let Some(stop) = stop {
-                                let _ = stop.await;
-                            }
-                            Ok::<(), anyhow::Error>(())
-                        }
-                    })
-                    .await;
+                let stop = stop_rx.lock().unwrap().take();
+                async move {
+                    let proxy = cql_node::start_proxy(addr, Default::default()).await?;
+                    let _ = ready.send((proxy, tid));
+                    if let Some(stop) = stop {
+                        let _ = stop.await;
+                    }
+                    Ok(())
+                }
             });
+            if let Err(err) = served {
+                eprintln!("CQL node failed: {err:#}");
+            }
         })?;
     let (addr, tid) = ready_rx
         .recv_timeout(Duration::from_secs(10))
@@ -158,6 +150,7 @@ async fn plain_phase(
     insert: &scylla::statement::prepared::PreparedStatement,
     rows: &[WindowRow],
     concurrency: usize,
+    bucket_ms: i64,
 ) -> anyhow::Result<()> {
     let permits = Arc::new(tokio::sync::Semaphore::new(concurrency));
     // (failed statements, the first error)
@@ -167,6 +160,7 @@ async fn plain_phase(
         let session = Arc::clone(session);
         let mut statement = insert.clone().bind(&(
             row.key,
+            CqlTimestamp(bucket_of(row.window_start_ms, bucket_ms)),
             CqlTimestamp(row.window_start_ms),
             row.partition,
             CqlTimestamp(row.window_end_ms),
@@ -225,8 +219,8 @@ fn main() -> anyhow::Result<()> {
         );
         let mut insert = session
             .prepare(format!(
-                "INSERT INTO {KEYSPACE}.window_sums (key, window_start, partition, window_end, sum, count, final, through_offset, generation) \
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                "INSERT INTO {KEYSPACE}.window_sums (key, bucket, window_start, partition, window_end, sum, count, final, through_offset, generation) \
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
             ))
             .await
             .context("preparing the plain INSERT")?;
@@ -249,7 +243,9 @@ fn main() -> anyhow::Result<()> {
                 let process_before = cpu_seconds(None)?;
                 let started = Instant::now();
                 match phase {
-                    "plain" => plain_phase(&session, &insert, &rows, concurrency).await?,
+                    "plain" => {
+                        plain_phase(&session, &insert, &rows, concurrency, store.bucket_ms()).await?
+                    }
                     _ => {
                         for call in rows.chunks(rows_per_call) {
                             store.write_rows(call).await.context("write_rows")?;
