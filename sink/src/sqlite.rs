@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rusqlite::config::DbConfig;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tally_schemas::Checkpoint;
 use uuid::Uuid;
@@ -275,6 +276,14 @@ impl SqliteStore {
                 let reader = open_connection(path)?;
                 reader
                     .pragma_update(None, "query_only", true)
+                    .map_err(sqlite_error)?;
+                // Plans that do not depend on bound values. Without this, SQLite (3.54)
+                // marks a statement whose LIMIT or `x = ?` it planned with the bound
+                // value as stale whenever that value changes or the bindings are
+                // cleared (as rusqlite's statement cache does after every use), and
+                // re-plans it: every range read was parsed and planned again.
+                reader
+                    .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
                     .map_err(sqlite_error)?;
                 Ok(Mutex::new(reader))
             })
@@ -942,6 +951,7 @@ fn sqlite_error(err: rusqlite::Error) -> SinkError {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -962,5 +972,59 @@ mod tests {
             Some("no such column: sum".into()),
         );
         assert!(matches!(sqlite_error(missing), SinkError::Schema(_)));
+    }
+
+    #[tokio::test]
+    async fn range_reads_reuse_their_prepared_statement() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("plan.sqlite")).unwrap();
+        let key = Uuid::from_u128(7);
+        // Windows on both sides of an hour boundary of 2026: one index range per hour.
+        let hour = 1_790_000_000_000 / INDEX_BUCKET_MS * INDEX_BUCKET_MS;
+        let (from, to) = (hour - INDEX_BUCKET_MS, hour + INDEX_BUCKET_MS);
+        let rows: Vec<WindowRow> = (0..20)
+            .map(|w| {
+                let start = hour - 10 * 10_000 + w * 10_000;
+                WindowRow {
+                    key,
+                    window_start_ms: start,
+                    window_end_ms: start + 10_000,
+                    partition: 0,
+                    sum: w + 1,
+                    count: 1,
+                    is_final: true,
+                    through_offset: w,
+                    generation: 0,
+                }
+            })
+            .collect();
+        store.write_rows(&rows).await.unwrap();
+        let replans = |reset: bool| {
+            let mut replans = 0;
+            for reader in store.readers.iter() {
+                let connection = reader.lock().unwrap();
+                let select = connection.prepare_cached(READ_RANGE).unwrap();
+                replans += if reset {
+                    select.reset_status(rusqlite::StatementStatus::RePrepare)
+                } else {
+                    select.get_status(rusqlite::StatementStatus::RePrepare)
+                };
+            }
+            replans
+        };
+        // Warm up: each reader prepares the statement (and plans it once).
+        for _ in 0..READERS {
+            assert_eq!(store.read_rows(key, from, to, 4_096).await.unwrap(), rows);
+        }
+        replans(true);
+        // Reads across two hours (two bucket queries, the second with fewer rows
+        // left), with other limits, one after another on every reader.
+        for limit in [4_096, 15, 4_096, 10, 3] {
+            for _ in 0..READERS {
+                let read = store.read_rows(key, from, to, limit).await.unwrap();
+                assert_eq!(read, rows[..limit.min(rows.len())]);
+            }
+        }
+        assert_eq!(replans(false), 0, "re-plans of the range read");
     }
 }

@@ -134,8 +134,9 @@ pub fn rfc3339_ms(ms: i64) -> String {
 }
 
 /// Appends `ms` as RFC 3339 to `out`; false (appending nothing) outside years 0..=9999.
+/// Digits are written directly (no `fmt` machinery): the read API writes two of these
+/// per window, hundreds of windows per answer.
 fn write_rfc3339_ms(out: &mut String, ms: i64) -> bool {
-    use std::fmt::Write;
     // 0000-01-01T00:00:00Z and 10000-01-01T00:00:00Z.
     const FIRST: i64 = -62_167_219_200_000;
     const END: i64 = 253_402_300_800_000;
@@ -145,15 +146,30 @@ fn write_rfc3339_ms(out: &mut String, ms: i64) -> bool {
     let days = ms.div_euclid(86_400_000);
     let in_day = ms.rem_euclid(86_400_000);
     let (year, month, day) = civil_from_days(days);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
-        in_day / 3_600_000,
-        in_day / 60_000 % 60,
-        in_day / 1000 % 60,
-        in_day % 1000
-    );
-    true
+    let mut text = *b"0000-00-00T00:00:00.000Z";
+    put_digits(&mut text[0..4], year);
+    put_digits(&mut text[5..7], month);
+    put_digits(&mut text[8..10], day);
+    put_digits(&mut text[11..13], in_day / 3_600_000);
+    put_digits(&mut text[14..16], in_day / 60_000 % 60);
+    put_digits(&mut text[17..19], in_day / 1000 % 60);
+    put_digits(&mut text[20..23], in_day % 1000);
+    // Only ASCII digits and separators were written, so this always succeeds.
+    match std::str::from_utf8(&text) {
+        Ok(text) => {
+            out.push_str(text);
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+/// Writes the last `slot.len()` decimal digits of `value` (≥ 0) into `slot`, zero-padded.
+fn put_digits(slot: &mut [u8], mut value: i64) {
+    for digit in slot.iter_mut().rev() {
+        *digit = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// (year, month, day) of a day count since 1970-01-01 (proleptic Gregorian; Howard
@@ -341,21 +357,33 @@ pub async fn read_total(
 
 /// One window as the API and `tally query` print it.
 pub fn window_json(out: &mut String, window: &WindowTotal) {
-    use std::fmt::Write;
-    let mut key = Uuid::encode_buffer();
-    let _ = write!(
+    let mut buffer = Uuid::encode_buffer();
+    window_json_keyed(
         out,
-        r#"{{"key":"{}","window_start":""#,
-        window.key.hyphenated().encode_lower(&mut key)
+        window.key.hyphenated().encode_lower(&mut buffer),
+        window,
     );
+}
+
+/// [`window_json`] with the window's key already written as text (`key_text`), for
+/// answers whose windows all have one key: the key is then encoded once, not per window.
+fn window_json_keyed(out: &mut String, key_text: &str, window: &WindowTotal) {
+    let mut number = itoa::Buffer::new();
+    out.push_str(r#"{"key":""#);
+    out.push_str(key_text);
+    out.push_str(r#"","window_start":""#);
     push_time(out, window.window_start_ms);
     out.push_str(r#"","window_end":""#);
     push_time(out, window.window_end_ms);
-    let _ = write!(
-        out,
-        r#"","sum":{},"count":{},"final":{}}}"#,
-        window.sum, window.count, window.is_final
-    );
+    out.push_str(r#"","sum":"#);
+    out.push_str(number.format(window.sum));
+    out.push_str(r#","count":"#);
+    out.push_str(number.format(window.count));
+    out.push_str(if window.is_final {
+        r#","final":true}"#
+    } else {
+        r#","final":false}"#
+    });
 }
 
 /// A range total: `{"sum":…,"count":…,"windows":…,"final":…}`.
@@ -642,8 +670,9 @@ impl ReadApi {
         let page = read_page(&*self.store, &view, key, range, limit, with_total).await?;
         let mut out = String::with_capacity(160 + page.windows.len() * 150);
         let mut buffer = Uuid::encode_buffer();
+        let key_text: &str = key.hyphenated().encode_lower(&mut buffer);
         out.push_str(r#"{"key":""#);
-        out.push_str(key.hyphenated().encode_lower(&mut buffer));
+        out.push_str(key_text);
         out.push_str("\",");
         push_field_time(&mut out, "from", range.0);
         out.push(',');
@@ -661,7 +690,11 @@ impl ReadApi {
             if i > 0 {
                 out.push(',');
             }
-            window_json(&mut out, window);
+            if window.key == key {
+                window_json_keyed(&mut out, key_text, window);
+            } else {
+                window_json(&mut out, window);
+            }
         }
         out.push(']');
         if let Some(next) = page.next_ms {

@@ -201,6 +201,78 @@ fn times_format_like_chrono_across_the_accepted_range() {
     assert_eq!(rfc3339_ms(i64::MIN), i64::MIN.to_string());
 }
 
+/// The window JSON as it was written with `format!` before the digit-by-digit
+/// writer: the answers must not change.
+fn window_json_reference(window: &WindowTotal) -> String {
+    format!(
+        r#"{{"key":"{}","window_start":"{}","window_end":"{}","sum":{},"count":{},"final":{}}}"#,
+        window.key.hyphenated(),
+        rfc3339_reference(window.window_start_ms),
+        rfc3339_reference(window.window_end_ms),
+        window.sum,
+        window.count,
+        window.is_final
+    )
+}
+
+fn rfc3339_reference(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .filter(|time| (0..=9999).contains(&chrono::Datelike::year(time)))
+        .map(|time| time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| ms.to_string())
+}
+
+proptest::proptest! {
+    #[test]
+    fn window_json_is_what_format_wrote(
+        key in proptest::prelude::any::<u128>(),
+        start in proptest::prelude::any::<i64>(),
+        length in 0i64..1_000_000_000,
+        sum in proptest::prelude::any::<i64>(),
+        count in proptest::prelude::any::<i64>(),
+        is_final in proptest::prelude::any::<bool>(),
+        near_now in proptest::prelude::any::<bool>(),
+    ) {
+        // Half the cases at times an answer really has, half anywhere in i64.
+        let start = if near_now { T0 + start.rem_euclid(400 * 365 * 86_400_000) } else { start };
+        let window = WindowTotal {
+            key: Uuid::from_u128(key),
+            window_start_ms: start,
+            window_end_ms: start.saturating_add(length),
+            sum,
+            count,
+            is_final,
+        };
+        let mut ours = String::new();
+        window_json(&mut ours, &window);
+        proptest::prop_assert_eq!(ours, window_json_reference(&window));
+    }
+}
+
+#[test]
+fn window_json_edges_are_what_format_wrote() {
+    for (start, sum) in [
+        (0, 0),
+        (-1, -1),
+        (MAX_TIME_MS, i64::MAX),
+        (i64::MIN, i64::MIN),
+        (253_402_300_799_999, 1),
+        (-62_167_219_200_000, 10),
+    ] {
+        let window = WindowTotal {
+            key: key(7),
+            window_start_ms: start,
+            window_end_ms: start.saturating_add(WINDOW),
+            sum,
+            count: sum,
+            is_final: sum > 0,
+        };
+        let mut ours = String::new();
+        window_json(&mut ours, &window);
+        assert_eq!(ours, window_json_reference(&window));
+    }
+}
+
 #[test]
 fn time_parameters_are_rfc3339_or_epoch_ms_inside_the_accepted_range() {
     assert_eq!(parse_time_ms("2026-09-21T14:13:20Z"), Ok(T0));
