@@ -8,13 +8,15 @@
 //!
 //! Layout (see [`CREATE_SCHEMA`]): `window_sums` is a `WITHOUT ROWID` table keyed
 //! `(window_start, key, partition)` with the key as its 16 UUID bytes, plus the index
-//! `window_sums_by_key (window_start / 3600000, key, window_start, partition)`: per
-//! hour, each key's windows in order, so a key's range read is one index range per
-//! hour touched (the same shape as ScyllaDB's one query per bucket). Both keep the
-//! write cost flat however large the table grows, because what a flush writes is the
-//! current windows: their rows sit at the right edge of the table's B-tree, and their
-//! index entries in the current hour's part of the index, so a flush touches the same
-//! pages whether the file holds a thousand rows from earlier hours or ten million. (A
+//! `window_sums_by_minute_key (window_start / 60000, key, window_start, partition)`:
+//! per minute, each key's windows in order, so a key's range read is one index range
+//! per minute touched (the same shape as ScyllaDB's one query per bucket). Both keep
+//! the write cost flat however large the table grows, because what a flush writes is
+//! the current windows: their rows sit at the right edge of the table's B-tree, and
+//! their index entries in the current minute's part of the index, so a flush touches
+//! the same pages whether the file holds a thousand rows from earlier minutes or ten
+//! million. (Earlier builds bucketed the index by the hour, whose part grows through
+//! the hour; opening such a file drops that index and builds this one, once. A
 //! key-first table, or a key-first index without the hour, puts each key's new row on
 //! its own page of that key's history: one page per active key per flush, more and
 //! more of them out of cache as the file grows; measured in BENCHMARKS.md.) The index
@@ -107,8 +109,9 @@ CREATE TABLE IF NOT EXISTS window_sums (
     generation     INTEGER NOT NULL,
     PRIMARY KEY (window_start, "key", "partition")
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS window_sums_by_key
-    ON window_sums (window_start / 3600000, "key", window_start, "partition");
+DROP INDEX IF EXISTS window_sums_by_key;
+CREATE INDEX IF NOT EXISTS window_sums_by_minute_key
+    ON window_sums (window_start / 60000, "key", window_start, "partition");
 CREATE VIEW IF NOT EXISTS window_sums_readable AS
 SELECT lower(substr(hex("key"), 1, 8) || '-' || substr(hex("key"), 9, 4) || '-' ||
              substr(hex("key"), 13, 4) || '-' || substr(hex("key"), 17, 4) || '-' ||
@@ -196,13 +199,19 @@ fn bind_row(
 
 const ROW_COLUMNS: &str = r#""key", window_start, "partition", window_end, sum, count, final, through_offset, generation"#;
 
-/// The width of the per-key index's buckets: an hour (in the index expression).
-pub const INDEX_BUCKET_MS: i64 = 3_600_000;
+/// The width of the per-key index's buckets: a minute (in the index expression).
+/// A flush inserts one index entry per new window of every key it writes, next to
+/// that key's earlier entries of the same bucket: the pages it touches grow with the
+/// bucket's entries (keys × windows per bucket). An hour's bucket of 100,000 keys
+/// made a flush into a 10 M-row store 9× slower than a minute's (BENCHMARKS.md,
+/// "Large store"); a range read probes one bucket per minute instead.
+pub const INDEX_BUCKET_MS: i64 = 60_000;
 
-/// One key's rows of a range within one hour bucket, through `window_sums_by_key`.
+/// One key's rows of a range within one minute bucket, through
+/// `window_sums_by_minute_key`.
 pub const READ_RANGE: &str = r#"SELECT "key", window_start, "partition", window_end, sum, count, final, through_offset, generation
     FROM window_sums
-    WHERE window_start / 3600000 = ?1 AND "key" = ?2 AND window_start >= ?3 AND window_start < ?4
+    WHERE window_start / 60000 = ?1 AND "key" = ?2 AND window_start >= ?3 AND window_start < ?4
     ORDER BY window_start, "partition" LIMIT ?5"#;
 
 /// Expired final rows, oldest first, a bounded batch at a time (a range of the
@@ -979,9 +988,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&dir.path().join("plan.sqlite")).unwrap();
         let key = Uuid::from_u128(7);
-        // Windows on both sides of an hour boundary of 2026: one index range per hour.
+        // Windows on both sides of a bucket boundary of 2026: one index range per bucket.
         let hour = 1_790_000_000_000 / INDEX_BUCKET_MS * INDEX_BUCKET_MS;
-        let (from, to) = (hour - INDEX_BUCKET_MS, hour + INDEX_BUCKET_MS);
+        let (from, to) = (hour - 2 * INDEX_BUCKET_MS, hour + 2 * INDEX_BUCKET_MS);
         let rows: Vec<WindowRow> = (0..20)
             .map(|w| {
                 let start = hour - 10 * 10_000 + w * 10_000;
@@ -1017,7 +1026,7 @@ mod tests {
             assert_eq!(store.read_rows(key, from, to, 4_096).await.unwrap(), rows);
         }
         replans(true);
-        // Reads across two hours (two bucket queries, the second with fewer rows
+        // Reads across four buckets (one query each, the later ones with fewer rows
         // left), with other limits, one after another on every reader.
         for limit in [4_096, 15, 4_096, 10, 3] {
             for _ in 0..READERS {

@@ -335,10 +335,65 @@ async fn a_key_range_read_uses_the_key_index_not_a_time_scan() {
         .unwrap();
     let plan = plan.join("; ");
     assert!(
-        plan.contains("USING INDEX window_sums_by_key") && plan.contains("key=?"),
+        plan.contains("USING INDEX window_sums_by_minute_key") && plan.contains("key=?"),
         "{plan}"
     );
     assert!(!plan.contains("TEMP B-TREE"), "no sort needed: {plan}");
+}
+
+#[tokio::test]
+async fn a_file_with_the_earlier_hour_index_gets_the_minute_index_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hour-index.db");
+    let k = key(9);
+    let rows: Vec<WindowRow> = (0..12)
+        .map(|w| {
+            row(
+                k,
+                3 * 3_600_000 - 6 * WINDOW + w * WINDOW,
+                0,
+                w + 1,
+                1,
+                true,
+                0,
+            )
+        })
+        .collect();
+    {
+        let store = SqliteStore::open(&path).unwrap();
+        store.write_rows(&rows).await.unwrap();
+    }
+    // What an earlier build left: the per-key index bucketed by the hour.
+    {
+        let connection = rusqlite::Connection::open(&path).unwrap();
+        connection
+            .execute_batch(
+                r#"DROP INDEX window_sums_by_minute_key;
+                CREATE INDEX window_sums_by_key
+                    ON window_sums (window_start / 3600000, "key", window_start, "partition");"#,
+            )
+            .unwrap();
+    }
+    let store = SqliteStore::open(&path).unwrap();
+    let indexes: Vec<String> = rusqlite::Connection::open(&path)
+        .unwrap()
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'window_sums' AND sql IS NOT NULL ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(indexes, vec!["window_sums_by_minute_key".to_owned()]);
+    let read = store
+        .read_rows(
+            k,
+            3 * 3_600_000 - 6 * WINDOW,
+            3 * 3_600_000 + 6 * WINDOW,
+            100,
+        )
+        .await
+        .unwrap();
+    assert_eq!(read, rows);
 }
 
 #[tokio::test]
@@ -346,7 +401,7 @@ async fn read_rows_stops_at_the_limit_and_windows_are_read_whole_across_chunks()
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
     let k = key(4);
-    // 50 windows across an hour boundary (the per-key index is bucketed by hour).
+    // 50 windows across an hour boundary (and the per-key index's minute buckets).
     let base = 3 * 3_600_000 - 20 * WINDOW;
     let mut rows = Vec::new();
     for window in 0..50 {
