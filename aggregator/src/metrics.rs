@@ -182,7 +182,7 @@ impl AggregatorMetrics {
         )?;
         let freshness = prometheus::Gauge::new(
             "tally_aggregator_freshness_seconds",
-            "Age of the oldest counted increment not yet written to the store",
+            "Age of the oldest counted increment not yet durable in the store (not yet flushed, or in the write under way)",
         )?;
         let assigned_partitions = IntGauge::new(
             "tally_aggregator_assigned_partitions",

@@ -11,11 +11,12 @@ pub(crate) struct Gauges {
 
 impl Gauges {
     pub fn update(&mut self, shell: &Shell, now_ms: i64) {
-        let (stats, views) = {
+        let (stats, views, oldest_not_durable) = {
             let protocol = shell.protocol();
             (
                 protocol.stats().clone(),
                 protocol.views().collect::<Vec<_>>(),
+                protocol.oldest_not_durable_ms(),
             )
         };
         let metrics = &shell.metrics;
@@ -64,13 +65,9 @@ impl Gauges {
 
         let mut groups = 0usize;
         let mut cells = 0usize;
-        let mut oldest_unflushed: Option<i64> = None;
         for view in &views {
             groups += view.open_windows;
             cells += view.open_key_windows;
-            if let Some(since) = view.unflushed_since_ms {
-                oldest_unflushed = Some(oldest_unflushed.map_or(since, |o| o.min(since)));
-            }
             if let Some(watermark) = view.watermark_ms {
                 metrics
                     .watermark_lag
@@ -102,7 +99,7 @@ impl Gauges {
             .set(i64::try_from(cells).unwrap_or(i64::MAX));
         metrics
             .freshness
-            .set(oldest_unflushed.map_or(0.0, |since| (now_ms - since).max(0) as f64 / 1000.0));
+            .set(oldest_not_durable.map_or(0.0, |since| (now_ms - since).max(0) as f64 / 1000.0));
         metrics
             .assigned_partitions
             .set(i64::try_from(views.len()).unwrap_or(i64::MAX));

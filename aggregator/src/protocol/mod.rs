@@ -185,6 +185,9 @@ pub struct Protocol {
     next_letter: LetterId,
     /// The regular flush being written (at most one at a time).
     flush_in_flight: Option<FlushId>,
+    /// The `now_ms` of the first record counted into the flush in flight (the oldest
+    /// count it makes durable).
+    flush_in_flight_since_ms: Option<i64>,
     letters: HashMap<LetterId, OutstandingLetter>,
     letters_to_retry: VecDeque<LetterId>,
     store_available: bool,
@@ -202,6 +205,7 @@ impl Protocol {
             next_flush: 1,
             next_letter: 1,
             flush_in_flight: None,
+            flush_in_flight_since_ms: None,
             letters: HashMap::new(),
             letters_to_retry: VecDeque::new(),
             store_available: true,
@@ -310,6 +314,17 @@ impl Protocol {
     /// The regular flush being written, if any.
     pub fn flush_in_flight(&self) -> Option<FlushId> {
         self.flush_in_flight
+    }
+
+    /// The wall-clock time (`now_ms` of its event) of the oldest counted record that
+    /// is not durable yet: still in an engine, or in the flush being written. The
+    /// store reflects every record counted before it (freshness).
+    pub fn oldest_not_durable_ms(&self) -> Option<i64> {
+        self.partitions
+            .values()
+            .filter_map(|state| state.engine.unflushed_since_ms())
+            .chain(self.flush_in_flight_since_ms)
+            .min()
     }
 
     // ------------------------------------------------------------ records
@@ -471,8 +486,12 @@ impl Protocol {
             rows: Vec::new(),
             checkpoints: Vec::new(),
         };
+        let mut since: Option<i64> = None;
         for (&partition, state) in self.partitions.iter_mut() {
             if state.phase == Phase::Active {
+                if let Some(first) = state.engine.unflushed_since_ms() {
+                    since = Some(since.map_or(first, |s| s.min(first)));
+                }
                 state.flush_into(partition, flush, false, &mut batch);
             }
         }
@@ -481,12 +500,14 @@ impl Protocol {
         }
         self.next_flush += 1;
         self.flush_in_flight = Some(flush);
+        self.flush_in_flight_since_ms = since;
         out.push(Command::WriteRows(batch));
     }
 
     fn on_written(&mut self, flush: FlushId, out: &mut Vec<Command>) {
         if self.flush_in_flight == Some(flush) {
             self.flush_in_flight = None;
+            self.flush_in_flight_since_ms = None;
         }
         for state in self.partitions.values_mut() {
             state.on_written(flush);

@@ -770,3 +770,37 @@ fn no_marker_when_it_would_close_nothing_or_markers_are_off() {
     });
     assert!(markers_of(&tick).is_empty());
 }
+
+#[test]
+fn freshness_counts_from_the_oldest_record_that_is_not_durable_yet() {
+    let mut protocol = Protocol::new(config(false));
+    assigned(&mut protocol, vec![fresh(0), fresh(1)]);
+    assert_eq!(protocol.oldest_not_durable_ms(), None);
+    let value = body(1, 5);
+    let at = |partition, offset, now_ms| Event::Record {
+        record: Record {
+            partition,
+            offset,
+            timestamp_ms: Some(3),
+            key: None,
+            value: Some(&value),
+            redriven_from: None,
+            marker: false,
+        },
+        now_ms,
+    };
+    protocol.handle(at(0, 0, NOW));
+    protocol.handle(at(1, 0, NOW + 300));
+    assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW));
+    // Handed to the writer, not durable yet: still the oldest.
+    let batch = write_of(&protocol.handle(Event::FlushTick { now_ms: NOW + 1_000 }));
+    assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW));
+    protocol.handle(at(1, 1, NOW + 1_500));
+    assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW));
+    // Durable: only what was counted after the flush began is left.
+    protocol.handle(Event::Written { flush: batch.flush });
+    assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW + 1_500));
+    let batch = write_of(&protocol.handle(Event::FlushTick { now_ms: NOW + 2_000 }));
+    protocol.handle(Event::Written { flush: batch.flush });
+    assert_eq!(protocol.oldest_not_durable_ms(), None);
+}
