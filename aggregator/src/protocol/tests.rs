@@ -793,14 +793,18 @@ fn freshness_counts_from_the_oldest_record_that_is_not_durable_yet() {
     protocol.handle(at(1, 0, NOW + 300));
     assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW));
     // Handed to the writer, not durable yet: still the oldest.
-    let batch = write_of(&protocol.handle(Event::FlushTick { now_ms: NOW + 1_000 }));
+    let batch = write_of(&protocol.handle(Event::FlushTick {
+        now_ms: NOW + 1_000,
+    }));
     assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW));
     protocol.handle(at(1, 1, NOW + 1_500));
     assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW));
     // Durable: only what was counted after the flush began is left.
     protocol.handle(Event::Written { flush: batch.flush });
     assert_eq!(protocol.oldest_not_durable_ms(), Some(NOW + 1_500));
-    let batch = write_of(&protocol.handle(Event::FlushTick { now_ms: NOW + 2_000 }));
+    let batch = write_of(&protocol.handle(Event::FlushTick {
+        now_ms: NOW + 2_000,
+    }));
     protocol.handle(Event::Written { flush: batch.flush });
     assert_eq!(protocol.oldest_not_durable_ms(), None);
 }
