@@ -116,17 +116,7 @@ mod tests {
     }
 
     fn at(partition: i32, next_offset: i64) -> (i32, Checkpoint) {
-        (
-            partition,
-            Checkpoint {
-                next_offset,
-                max_ts_ms: None,
-                closed_through_ms: None,
-                generation: 0,
-                settings: None,
-                external_reset: false,
-            },
-        )
+        (partition, Checkpoint::fresh(next_offset))
     }
 
     fn start(
