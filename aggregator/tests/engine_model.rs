@@ -903,7 +903,22 @@ impl<'a> Sim<'a> {
             }
             resume::ResumeSource::ExternalReset => {
                 // The same reset again (nothing was committed with state since): the
-                // same walk with a newer generation.
+                // same walk with a newer generation. If another owner resumed an
+                // earlier run meanwhile (it looked before the reset's claim was
+                // durable), the claim now in the store makes the reset's walk current
+                // again.
+                if !matches!(
+                    self.current(partition).kind,
+                    SegmentKind::ExternalReset { .. }
+                ) {
+                    let reset = self.segments[partition]
+                        .iter()
+                        .rev()
+                        .find(|run| matches!(run.kind, SegmentKind::ExternalReset { .. }))
+                        .cloned()
+                        .unwrap_or_else(|| panic!("no reset claimed {decision:?}"));
+                    self.segments[partition].push(reset);
+                }
                 self.current_mut(partition).generation = decision.generation();
             }
             _ => {}
@@ -2266,4 +2281,71 @@ fn the_harness_resumes_like_the_shell() {
     };
     let decision = resume::decide(&committed, store.lookup(0, &committed));
     assert_eq!(decision.resume, Resume::Checkpoint(checkpoint));
+}
+
+/// Found by a CI run: a `replay --from-offset` becomes an external reset whose claim
+/// is still in flight when another owner looks and resumes the earlier run from a
+/// late (zombie) checkpoint; once the claim is durable, the next owner resumes the
+/// reset again, freezing its windows. The model must follow it back to the reset.
+#[test]
+fn a_reset_resumed_again_after_an_earlier_run_was_resumed_keeps_its_freeze() {
+    let k = key_of(0);
+    let inc = |offset, ts| LogRecord {
+        offset,
+        ts,
+        body: Body::Increment { key: k, value: 1 },
+    };
+    let scenario = Scenario {
+        config: EngineConfig::new(10, 10, 50).unwrap(),
+        logs: vec![vec![
+            inc(0, 15),
+            inc(1, 9),
+            inc(2, 18),
+            inc(3, 18),
+            inc(4, 18),
+        ]],
+        drops_metadata: false,
+        ops: vec![
+            Op::Read {
+                instance: 0,
+                partition: 0,
+                count: 1,
+            },
+            Op::Lose { partition: 0 },
+            Op::Tick { instance: 91 },
+            Op::Execute {
+                instance: 1,
+                count: 1,
+            },
+            Op::Crash {
+                instance: 31,
+                zombie: true,
+            },
+            Op::ReplayFromOffset {
+                partition: 0,
+                pick: 19135,
+            },
+            Op::Read {
+                instance: 0,
+                partition: 0,
+                count: 1,
+            },
+            Op::DeliverZombie { pick: 0 },
+            Op::Lose { partition: 0 },
+            Op::Write {
+                instance: 2,
+                budget: 1,
+            },
+            Op::Move {
+                partition: 0,
+                steps: 0,
+            },
+            Op::Read {
+                instance: 0,
+                partition: 0,
+                count: 1,
+            },
+        ],
+    };
+    run_scenario(&scenario);
 }
