@@ -983,6 +983,14 @@ mod tests {
         assert!(matches!(sqlite_error(missing), SinkError::Schema(_)));
     }
 
+    #[test]
+    fn the_index_and_the_range_read_use_the_bucket_width_of_the_code() {
+        // The SQL spells the width out; the bucket loop of `read_rows` uses the constant.
+        let expression = format!("window_start / {INDEX_BUCKET_MS}");
+        assert!(CREATE_SCHEMA.contains(&format!("ON window_sums ({expression},")));
+        assert!(READ_RANGE.contains(&format!("WHERE {expression} = ?1")));
+    }
+
     #[tokio::test]
     async fn range_reads_reuse_their_prepared_statement() {
         let dir = tempfile::tempdir().unwrap();

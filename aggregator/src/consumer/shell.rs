@@ -282,12 +282,7 @@ impl Shell {
 
     /// Queued for the commit thread, which hands the result to the protocol.
     fn commit_async(self: &Arc<Self>, offsets: &[(i32, Checkpoint)], kafka: &dyn KafkaHandle) {
-        let queued = self.committer.get().is_some_and(|queue| {
-            queue
-                .try_send(CommitJob::Ordinary(offsets.to_vec()))
-                .is_ok()
-        });
-        if !queued {
+        if !self.queue_job(CommitJob::Ordinary(offsets.to_vec())) {
             self.metrics.commits.with_label_values(&["error"]).inc();
             warn!("offset commit could not be queued; retried at the next flush");
             let offsets = offsets.iter().map(|(p, c)| (*p, c.next_offset)).collect();
@@ -299,6 +294,8 @@ impl Shell {
     /// A commit on the commit thread, after every commit queued before it, waited for
     /// at most `patience` (if it runs later, it is still a correct commit, and no
     /// ordinary commit of these partitions can follow it: they are no longer owned).
+    /// Never called on the commit thread itself (it would wait for its own job until
+    /// `patience` ran out): only revokes and the shutdown commit synchronously.
     pub fn commit_sync(
         self: &Arc<Self>,
         offsets: &[(i32, Checkpoint)],
