@@ -486,12 +486,14 @@ impl Protocol {
             rows: Vec::new(),
             checkpoints: Vec::new(),
         };
-        let mut since: Option<i64> = None;
+        let since = self
+            .partitions
+            .values()
+            .filter(|state| state.phase == Phase::Active)
+            .filter_map(|state| state.engine.unflushed_since_ms())
+            .min();
         for (&partition, state) in self.partitions.iter_mut() {
             if state.phase == Phase::Active {
-                if let Some(first) = state.engine.unflushed_since_ms() {
-                    since = Some(since.map_or(first, |s| s.min(first)));
-                }
                 state.flush_into(partition, flush, false, &mut batch);
             }
         }
