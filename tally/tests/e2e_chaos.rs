@@ -107,7 +107,7 @@ impl Broker {
     fn start() -> Broker {
         let mut child = Command::new(std::env::current_exe().unwrap())
             .args([TEST_NAME, "--exact", "--nocapture", "--test-threads=1"])
-            .env(BROKER_CHILD_ENV, "1")
+            .env(BROKER_CHILD_ENV, std::process::id().to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -339,7 +339,14 @@ fn direct_round(producer: &rdkafka::producer::FutureProducer, round: u64, ledger
 
 #[test]
 fn acknowledged_increments_are_counted_exactly_once_through_kills_outages_and_locks() {
-    if std::env::var_os(BROKER_CHILD_ENV).is_some() {
+    if let Some(parent) = std::env::var_os(BROKER_CHILD_ENV) {
+        // Only the test's own child runs the broker: the variable left set in a
+        // shell must not turn the whole test into a pass that ran nothing.
+        assert_eq!(
+            parent.to_str().and_then(|p| p.parse::<u32>().ok()),
+            Some(std::os::unix::process::parent_id()),
+            "{BROKER_CHILD_ENV} is set, but this process is not the chaos test's broker child"
+        );
         return run_broker_child();
     }
     let seed = chaos_seed();
